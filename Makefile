@@ -1,0 +1,53 @@
+# Every target sets itself up from nothing: a fresh machine needs only python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RESULTS_DIR ?= bench/results
+PYTEST_ARGS ?=
+
+.PHONY: test bench bench-full lint gpu-check compile-check clean
+
+# CPU setup: the local CPU wheel of torch first (an unpinned torch would pull the CUDA build),
+# then triton 3.9 (its interpreter runs the kernels on CPU), then the package with its extras.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "triton==3.9.*"
+	$(PIP) install -q -e ".[test,bench]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check kernels sae bench tests
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q bench --benchmark-disable -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check kernels sae bench tests
+	$(PY) -m ruff format --check kernels sae bench tests
+
+bench: $(VENV)/.installed
+	$(PY) -m bench --quick --results-dir $(RESULTS_DIR)
+
+bench-full: $(VENV)/.installed
+	$(PY) -m bench --full --results-dir $(RESULTS_DIR)
+
+# On the GPU machine (no network; torch, triton, numpy, pytest preinstalled): install offline against
+# those packages, run the compiled suite (gpu tests included), then the benchmark; logs and JSON go
+# under $(RESULTS_DIR).
+gpu-check:
+	mkdir -p $(RESULTS_DIR)
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	set -o pipefail; python3 -m pytest -q -m "gpu or not gpu" tests 2>&1 | tee $(RESULTS_DIR)/gpu-tests.log
+	set -o pipefail; python3 -m bench --quick --device cuda --results-dir $(RESULTS_DIR) 2>&1 \
+		| tee $(RESULTS_DIR)/gpu-bench.log
+
+# Compile every Triton kernel for sm_90 with the GPU machine's triton 3.6, on this CPU machine.
+compile-check: $(VENV)/.installed
+	test -x .venv-t36/bin/python || ($(PYTHON) -m venv .venv-t36 && \
+		.venv-t36/bin/pip install -q torch==2.13.0 "triton==3.6.0" "numpy<2.4")
+	.venv-t36/bin/python tests/compile_check.py
+
+clean:
+	rm -rf $(VENV) .venv-t36 *.egg-info .pytest_cache .ruff_cache

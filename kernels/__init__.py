@@ -1,0 +1,24 @@
+"""sae-kernels ops: fused sparse encoders, sparse decode and their sparse, deterministic backward passes.
+
+Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels on CPU tensors.
+"""
+
+from . import reference
+from .backend import get_backend, set_backend, set_validation, use_backend, validation_enabled
+from .code import SparseCode
+from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
+from .torch_ops import topk_select as chunked_topk_select
+
+__all__ = [
+    "SparseCode",
+    "chunked_topk_select",
+    "get_backend",
+    "reference",
+    "set_backend",
+    "set_validation",
+    "sparse_decode",
+    "topk_encode",
+    "use_backend",
+    "validation_enabled",
+]

@@ -1,0 +1,215 @@
+"""Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
+
+Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
+tile, computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation), and keeps a running
+top-KP per row in registers as packed int64 keys (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key
+orders by value, then by lower latent id, so the selection is exact and deterministic. A tile none of
+whose keys beats its row's running KP-th key is skipped without sorting. Each program writes its KP
+candidates per row, so the largest temporary is [B, splits, KP].
+Stage 2: top-k of the splits' candidates per row (torch.topk on the int64 keys).
+
+k above the largest tuned KP takes the memory-bounded chunked path (torch_ops.topk_select).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import torch_ops, tuning, validate
+from .backend import INTERPRET, resolve
+from .code import SparseCode
+from .scatter import scatter_rows_op
+from .sparse_decode import gather_matmul
+
+MAX_FUSED_KP = 256  # larger k runs the chunked path
+
+
+@triton.jit
+def _topk_encode_kernel(
+    x_ptr,  # [B, d]
+    w_ptr,  # [n, d]
+    b_ptr,  # [n]
+    cand_ptr,  # [B, S, KP] int64 out
+    B,
+    N,
+    D,
+    cols_per_split,
+    stride_x,
+    stride_w,
+    stride_cb,
+    stride_cs,
+    HAS_BIAS: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    col_lo = pid_s * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, N)
+    ks = tl.arange(0, BLOCK_K)
+    best = tl.full([BLOCK_M, KP], -1, dtype=tl.int64)  # below every real key
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < col_hi
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + ks
+            k_mask = kk < D
+            a = tl.load(
+                x_ptr + rows64[:, None] * stride_x + kk[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + cols64[:, None] * stride_w + kk[None, :],
+                mask=col_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:  # the interpreter computes low-precision products wrongly
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        f = tl.where(acc > 0, acc, 0.0)
+        keys = (f.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - cols).to(tl.int64)[None, :]
+        keys = tl.where(col_mask[None, :], keys, -1)
+        beats = tl.max(keys, axis=1) > tl.min(best, axis=1)
+        if tl.max(beats.to(tl.int32), axis=0) > 0:
+            top = tl.topk(keys, KP)  # [BLOCK_M, KP], descending
+            # best is descending and flip(top) ascending: their elementwise max holds the top KP of both.
+            best = tl.sort(tl.maximum(best, tl.flip(top)), descending=True)
+    out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + tl.arange(0, KP)[None, :]
+    tl.store(out, best, mask=row_mask[:, None])
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def plan(B: int, n: int, d: int, k: int, device: torch.device) -> dict:
+    """Tile sizes and the number of column splits S, chosen so that the grid fills the SMs."""
+    KP = max(4, triton.next_power_of_2(k))
+    cfg = dict(tuning.config("topk_encode", KP=KP, D=d))
+    cfg["KP"] = KP
+    cfg["BLOCK_N"] = max(cfg["BLOCK_N"], KP)
+    row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    if device.type == "cuda":
+        target = cfg["waves"] * _num_sms(device.index if device.index is not None else 0)
+    else:
+        target = cfg["programs"]
+    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+    cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
+    cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
+    return cfg
+
+
+def topk_select_triton(x, W, b, k: int):
+    """x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32)."""
+    B, D = x.shape
+    N = W.shape[0]
+    cfg = plan(B, N, D, k, x.device)
+    KP, S = cfg["KP"], cfg["S"]
+    cand = torch.empty(B, S, KP, device=x.device, dtype=torch.int64)
+    _topk_encode_kernel[(triton.cdiv(B, cfg["BLOCK_M"]), S)](
+        x, W, b if b is not None else W, cand, B, N, D, cfg["cols_per_split"],
+        x.stride(0), W.stride(0), cand.stride(0), cand.stride(1),
+        HAS_BIAS=b is not None, KP=KP, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    keys = cand.view(B, S * KP)
+    if S * KP != k:  # stage 2; a single split with KP == k is already sorted
+        keys = keys.topk(k, dim=1).values
+    values, indices = torch_ops.unpack_keys(keys)
+    return values.to(x.dtype), indices
+
+
+@torch.library.custom_op("sae_kernels::topk_select", mutates_args=())
+def topk_select(
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK_k(ReLU(x W^T + b)): (values [B, k], indices [B, k] int32), sorted by value, ties to lower ids."""
+    x, W, b = (validate.row_major(t) for t in (x, W, b))
+    if resolve(x) == "triton" and max(4, triton.next_power_of_2(k)) <= MAX_FUSED_KP:
+        return topk_select_triton(x, W, b, k)
+    return torch_ops.topk_select(x, W, b, k)
+
+
+@topk_select.register_fake
+def _(x, W, b, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int32)
+
+
+def _setup(ctx, inputs, output):
+    x, W, b, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W, values, indices)
+    ctx.has_bias = b is not None
+
+
+def _backward(ctx, grad_values, _grad_indices):
+    x, W, values, indices = ctx.saved_tensors
+    dz = torch.where(values > 0, grad_values, 0.0)  # ReLU: slots at zero pass no gradient
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = gather_matmul(dz, indices, W, None).to(x.dtype)
+    want_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[1] or want_b:
+        grad_W, grad_b = scatter_rows_op(dz, indices, x, W.shape[0], want_b, W.dtype)
+        grad_b = grad_b if want_b else None
+    return grad_x, grad_W, grad_b, None
+
+
+topk_select.register_autograd(_backward, setup_context=_setup)
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None,
+    k: int,
+    *,
+    b_dec: torch.Tensor | None = None,
+) -> SparseCode:
+    """f = TopK_k(ReLU((x - b_dec) W_enc^T + b_enc)) as a SparseCode, without a [B, n] temporary.
+
+    x: [B, d]; W_enc: [n, d] (latent-major); b_enc: [n] or None; b_dec: [d] or None (input centering).
+    Returns values [B, k] (x.dtype) and indices [B, k] int32, sorted by value, descending, equal values by
+    lower latent id. Rows with fewer than k positive pre-activations are filled with zero values at the
+    lowest ids among the rest. Differentiable in x, W_enc, b_enc and b_dec.
+    """
+    validate.matrix("x", x)
+    validate.floating("x", x)
+    validate.matrix("W_enc", W_enc, cols=x.shape[1])
+    validate.floating("W_enc", W_enc, x.dtype)
+    validate.same_device("W_enc", W_enc, x)
+    validate.vector("b_enc", b_enc, W_enc.shape[0], x)
+    validate.vector("b_dec", b_dec, x.shape[1], x)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= W_enc.shape[0]:
+        raise ValueError(f"k must be an int in [1, n={W_enc.shape[0]}], got {k!r}")
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
+        validate.finite(name, t)
+    if b_dec is not None:
+        x = x - b_dec
+    return SparseCode(*topk_select(x, W_enc, b_enc, k))

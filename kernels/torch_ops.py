@@ -1,0 +1,101 @@
+"""The "torch" backend: plain PyTorch, memory-bounded, same contract as the Triton kernels.
+
+Work is split into chunks of at most `budget` elements, so no temporary has B x n (or B x K x d)
+elements unless the whole problem is that small. Selection is exact: packed int64 keys
+(fp32 value bits << 32 | reversed column) order by value, then by lower latent id.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY_LOW = 2**31 - 1  # columns are stored as KEY_LOW - col, so the lower id has the larger key
+BUDGET = 1 << 22  # elements per temporary
+
+
+def pack_keys(f: torch.Tensor, col0: int) -> torch.Tensor:
+    """f: [R, C] float32, all >= +0.0  ->  [R, C] int64 keys, ordered like (f, -column)."""
+    cols = torch.arange(col0, col0 + f.shape[1], device=f.device, dtype=torch.int64)
+    bits = f.contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | (KEY_LOW - cols)
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys -> (float32 values, int32 latent ids)."""
+    indices = (KEY_LOW - (keys & 0xFFFFFFFF)).to(torch.int32)
+    values = (keys >> 32).to(torch.int32).view(torch.float32)
+    return values, indices
+
+
+def topk_select(x, W, b, k: int, budget: int = BUDGET):
+    """Chunked TopK(ReLU(x W^T + b)): fp32 products on column chunks, exact top-k merge per chunk.
+
+    x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
+    """
+    B, n = x.shape[0], W.shape[0]
+    cols = max(1, min(n, budget))
+    rows = max(1, min(B, budget // cols))
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int32, device=x.device)
+    for r0 in range(0, B, rows):
+        xr = x[r0 : r0 + rows].float()
+        best = None
+        for c0 in range(0, n, cols):
+            z = xr @ W[c0 : c0 + cols].float().T
+            if b is not None:
+                z += b[c0 : c0 + cols].float()
+            keys = pack_keys(torch.where(z > 0, z, 0.0), c0)
+            if best is not None:
+                keys = torch.cat([best, keys], dim=1)
+            best = keys.topk(min(k, keys.shape[1]), dim=1).values
+        v, i = unpack_keys(best)
+        values[r0 : r0 + rows] = v.to(x.dtype)
+        indices[r0 : r0 + rows] = i
+    return values, indices
+
+
+def _row_chunk(K: int, d: int, budget: int) -> int:
+    return max(1, budget // max(1, K * d))
+
+
+def gather_matmul(values, indices, W, bias, budget: int = BUDGET):
+    """out[b] = bias + sum_j values[b, j] W[indices[b, j]], fp32 accumulation.  -> [B, d] W.dtype."""
+    B, K = values.shape
+    d = W.shape[1]
+    out = torch.empty(B, d, dtype=W.dtype, device=W.device)
+    step = _row_chunk(K, d, budget)
+    for r0 in range(0, B, step):
+        rows = W[indices[r0 : r0 + step].long()].float()  # [R, K, d]
+        acc = torch.bmm(values[r0 : r0 + step].float().unsqueeze(1), rows).squeeze(1)
+        if bias is not None:
+            acc += bias.float()
+        out[r0 : r0 + step] = acc.to(W.dtype)
+    return out
+
+
+def gather_dot(g, indices, W, budget: int = BUDGET):
+    """out[b, j] = g[b] . W[indices[b, j]], fp32 accumulation.  -> [B, K] g.dtype."""
+    B, K = indices.shape
+    out = torch.empty(B, K, dtype=g.dtype, device=g.device)
+    step = _row_chunk(K, W.shape[1], budget)
+    for r0 in range(0, B, step):
+        rows = W[indices[r0 : r0 + step].long()].float()
+        out[r0 : r0 + step] = torch.bmm(rows, g[r0 : r0 + step].float().unsqueeze(2)).squeeze(2).to(g.dtype)
+    return out
+
+
+def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype, budget: int = BUDGET):
+    """dW[i] = sum_{indices[b,j]=i} coef[b,j] X[b]; dsum[i] = sum coef. index_add_ (sequential on CPU)."""
+    B, K = coef.shape
+    d = X.shape[1]
+    dW = torch.zeros(n, d, dtype=torch.float32, device=X.device)
+    dsum = torch.zeros(n, dtype=torch.float32, device=X.device)
+    step = _row_chunk(K, d, budget)
+    for r0 in range(0, B, step):
+        c = coef[r0 : r0 + step].float()
+        i = indices[r0 : r0 + step].long()
+        contrib = c.unsqueeze(2) * X[r0 : r0 + step].float().unsqueeze(1)  # [R, K, d]
+        dW.index_add_(0, i.reshape(-1), contrib.reshape(-1, d))
+        if with_sum:
+            dsum.index_add_(0, i.reshape(-1), c.reshape(-1))
+    return dW.to(out_dtype), dsum.to(out_dtype)
