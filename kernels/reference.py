@@ -47,3 +47,70 @@ def scatter_rows(coef: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n: 
     dense = torch.zeros(X.shape[0], n, dtype=coef.dtype, device=coef.device)
     dense.scatter_add_(1, indices.long(), coef)
     return dense.T @ X, dense.sum(0)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = z * H(z - theta); df/dz = H(z - theta), df/dtheta = -(theta/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        band = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return g * (z > theta), (-(theta / ctx.eps) * band * g).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta); dH/dz = 0, dH/dtheta = -(1/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        band = ((z - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return None, (-band * g / ctx.eps).sum(0), None
+
+
+def jumprelu(x, W_enc, b_enc, threshold, bandwidth: float, *, b_dec=None):
+    """Dense JumpReLU: (f [B, n], l0 [B]), straight-through threshold gradients (DESIGN section 5)."""
+    z = preactivations(x, W_enc, b_enc, b_dec)
+    return _JumpReLU.apply(z, threshold, bandwidth), _Step.apply(z, threshold, bandwidth).sum(1)
+
+
+def jumprelu_band(x, W_enc, b_enc, threshold, bandwidth: float, *, b_dec=None) -> torch.Tensor:
+    """[B, n] bool: the entries a JumpReLU code holds (z > theta, or |z - theta| < bandwidth / 2)."""
+    z = preactivations(x, W_enc, b_enc, b_dec)
+    return (z > threshold) | ((z - threshold).abs() < bandwidth / 2)
+
+
+def relu(x, W_enc, b_enc, *, b_dec=None) -> torch.Tensor:
+    """Dense ReLU SAE activations f = ReLU(z): [B, n]."""
+    return torch.relu(preactivations(x, W_enc, b_enc, b_dec))
+
+
+def gated(x, W_gate, b_gate, r_mag, b_mag, *, b_dec=None):
+    """Dense gated encoder: (f [B, n], ReLU(pi_g) [B, n]); the Heaviside passes no gradient."""
+    u = preactivations(x, W_gate, None, b_dec)
+    pi_g = u + b_gate
+    pi_m = torch.exp(r_mag) * u + b_mag
+    return (pi_g > 0).to(u.dtype) * torch.relu(pi_m), torch.relu(pi_g)
+
+
+def batch_topk(x, W_enc, b_enc, k: int, *, b_dec=None) -> torch.Tensor:
+    """Dense BatchTopK [B, n]: the B*k largest entries of ReLU(z) over the batch (ties: lower row, then
+    lower latent id first); zero entries are never kept."""
+    f = relu(x, W_enc, b_enc, b_dec=b_dec)
+    flat = f.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat.detach(), descending=True, stable=True).indices[: f.shape[0] * k]] = True
+    return torch.where(keep.view_as(f) & (f > 0), f, 0.0)

@@ -29,6 +29,12 @@ MAX_FUSED_KP = 256  # larger k runs the chunked path
 
 
 @triton.jit
+def _pack(value, col):
+    """int64 key of a non-negative fp32 value at column col: orders by value, then by lower column."""
+    return (value.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - col).to(tl.int64)
+
+
+@triton.jit
 def _topk_encode_kernel(
     x_ptr,  # [B, d]
     w_ptr,  # [n, d]
@@ -58,9 +64,11 @@ def _topk_encode_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
     ks = tl.arange(0, BLOCK_K)
-    best = tl.full([BLOCK_M, KP], -1, dtype=tl.int64)  # below every real key
+    tile_cols = tl.arange(0, BLOCK_N)
+    # Distinct negative sentinels: below every real key, and each slot is replaced exactly once.
+    best = tl.zeros([BLOCK_M, KP], dtype=tl.int64) - 1 - tl.arange(0, KP)[None, :]
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + tile_cols
         col_mask = cols < col_hi
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -83,14 +91,20 @@ def _topk_encode_kernel(
             acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        f = tl.where(acc > 0, acc, 0.0)
-        keys = (f.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - cols).to(tl.int64)[None, :]
-        keys = tl.where(col_mask[None, :], keys, -1)
-        beats = tl.max(keys, axis=1) > tl.min(best, axis=1)
-        if tl.max(beats.to(tl.int32), axis=0) > 0:
-            top = tl.topk(keys, KP)  # [BLOCK_M, KP], descending
-            # best is descending and flip(top) ascending: their elementwise max holds the top KP of both.
-            best = tl.sort(tl.maximum(best, tl.flip(top)), descending=True)
+        # Insert the tile's entries that beat a row's running KP-th key, largest first. After the first
+        # tiles few entries qualify, so this loop usually runs a few times or not at all.
+        f = tl.where(col_mask[None, :], tl.where(acc > 0, acc, 0.0), -1.0)  # -1: never selected
+        top, arg = tl.max(f, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        key = _pack(top, n0 + arg)
+        low = tl.min(best, axis=1)
+        take = (key > low) & (top >= 0)
+        while tl.max(take.to(tl.int32), axis=0) > 0:
+            best = tl.where((best == low[:, None]) & take[:, None], key[:, None], best)
+            f = tl.where((tile_cols[None, :] == arg[:, None]) & take[:, None], -1.0, f)
+            top, arg = tl.max(f, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            key = _pack(top, n0 + arg)
+            low = tl.min(best, axis=1)
+            take = (key > low) & (top >= 0)
     out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + tl.arange(0, KP)[None, :]
     tl.store(out, best, mask=row_mask[:, None])
 
@@ -111,7 +125,6 @@ def plan(B: int, n: int, d: int, k: int, device: torch.device) -> dict:
     KP = max(4, triton.next_power_of_2(k))
     cfg = dict(tuning.config("topk_encode", KP=KP, D=d))
     cfg["KP"] = KP
-    cfg["BLOCK_N"] = max(cfg["BLOCK_N"], KP)
     row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
     if device.type == "cuda":
@@ -138,17 +151,13 @@ def topk_select_triton(x, W, b, k: int):
         BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    keys = cand.view(B, S * KP)
-    if S * KP != k:  # stage 2; a single split with KP == k is already sorted
-        keys = keys.topk(k, dim=1).values
+    keys = cand.view(B, S * KP).topk(k, dim=1).values  # stage 2, sorted
     values, indices = torch_ops.unpack_keys(keys)
     return values.to(x.dtype), indices
 
 
 @torch.library.custom_op("sae_kernels::topk_select", mutates_args=())
-def topk_select(
-    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK_k(ReLU(x W^T + b)): (values [B, k], indices [B, k] int32), sorted by value, ties to lower ids."""
     x, W, b = (validate.row_major(t) for t in (x, W, b))
     if resolve(x) == "triton" and max(4, triton.next_power_of_2(k)) <= MAX_FUSED_KP:

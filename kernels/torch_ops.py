@@ -99,3 +99,61 @@ def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype, budget: in
         if with_sum:
             dsum.index_add_(0, i.reshape(-1), c.reshape(-1))
     return dW.to(out_dtype), dsum.to(out_dtype)
+
+
+RELU, JUMPRELU, GATED = 0, 1, 2  # threshold_select modes
+
+
+def threshold_epilogue(mode: int, u, b, theta, r_mag, b_mag, half_band: float):
+    """Selection of the threshold encoders on a fp32 tile u = x W^T [R, C] (parameters sliced to its columns).
+
+    -> (keep mask, f, gate, aux), all [R, C]: f the activation (0 where kept but inactive), gate the
+    gated encoder's pi_g (else f), aux the fp32 pre-activation the backward needs (pi_m for gated, else z).
+    """
+    z = u if b is None else u + b.float()
+    if mode == RELU:
+        return z > 0, z, z, z
+    if mode == JUMPRELU:
+        th = theta.float()
+        active = z > th
+        keep = active | ((z - th).abs() < half_band)
+        f = torch.where(active, z, 0.0)
+        return keep, f, f, z
+    pi_m = torch.exp(r_mag.float()) * u + b_mag.float()
+    return z > 0, torch.relu(pi_m), z, pi_m
+
+
+def threshold_select(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int, budget=BUDGET):
+    """Chunked threshold compaction: the kept entries of each row in its first slots, by latent id.
+
+    x: [B, d], W: [n, d], b / theta / r_mag / b_mag: [n] or None. Returns (values [B, C] x.dtype,
+    gate [B, C] x.dtype, aux [B, C] fp32, indices [B, C] int32, counts [B] int32); counts holds every
+    kept entry of a row, also those beyond the capacity C (which are not stored). Empty slots are 0.
+    """
+    B, n = x.shape[0], W.shape[0]
+    cols = max(1, min(n, budget))
+    rows = max(1, min(B, budget // cols))
+    values = torch.zeros(B, capacity, dtype=x.dtype, device=x.device)
+    gate = torch.zeros_like(values)
+    aux = torch.zeros(B, capacity, dtype=torch.float32, device=x.device)
+    indices = torch.zeros(B, capacity, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(B, dtype=torch.int64, device=x.device)
+    part = lambda t, c0: None if t is None else t[c0 : c0 + cols]
+    for r0 in range(0, B, rows):
+        xr = x[r0 : r0 + rows].float()
+        for c0 in range(0, n, cols):
+            u = xr @ W[c0 : c0 + cols].float().T
+            params = (part(t, c0) for t in (b, theta, r_mag, b_mag))
+            keep, f, g, a = threshold_epilogue(mode, u, *params, half_band)
+            r, c = keep.nonzero(as_tuple=True)  # row-major: by row, then by column
+            cnt = keep.sum(1)
+            first = torch.cumsum(cnt, 0) - cnt
+            pos = counts[r0 + r] + torch.arange(r.numel(), device=x.device) - first[r]
+            ok = pos < capacity
+            r, c, pos = r[ok], c[ok], pos[ok]
+            values[r0 + r, pos] = f[r, c].to(x.dtype)
+            gate[r0 + r, pos] = g[r, c].to(x.dtype)
+            aux[r0 + r, pos] = a[r, c]
+            indices[r0 + r, pos] = (c0 + c).to(torch.int32)
+            counts[r0 : r0 + rows] += cnt
+    return values, gate, aux, indices, counts.to(torch.int32)

@@ -1,0 +1,220 @@
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE
+from helpers import TOL, assert_close, assert_topk
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from kernels import reference as R
+from kernels import torch_ops
+
+# (B, d, n, k): B = 1, 7, 33; d and n not powers of two; k = 1 and k = n; several column splits.
+SHAPES = [(1, 24, 40, 1), (7, 33, 100, 5), (33, 20, 72, 8), (5, 17, 19, 19), (4, 16, 64, 16), (3, 9, 200, 3)]
+DTYPES = [torch.float32, torch.float16]
+
+
+def make(B, d, n, dtype, bias=True):
+    x = torch.randn(B, d, device=DEVICE).to(dtype)
+    W = (torch.randn(n, d, device=DEVICE) / d**0.5).to(dtype)
+    b = (0.1 * torch.randn(n, device=DEVICE)).to(dtype) if bias else None
+    b_dec = (0.1 * torch.randn(d, device=DEVICE)).to(dtype)
+    return x, W, b, b_dec
+
+
+def ref_f(x, W, b, b_dec=None):
+    d = lambda t: None if t is None else t.double()
+    return torch.relu(R.preactivations(d(x), d(W), d(b), d(b_dec)))
+
+
+def case_id(case):
+    return "B{}-d{}-n{}-k{}".format(*case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SHAPES, ids=case_id)
+def test_forward_matches_reference(case, dtype, backend):
+    B, d, n, k = case
+    x, W, b, b_dec = make(B, d, n, dtype)
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x, W, b, k, b_dec=b_dec)
+    assert code.values.dtype == dtype
+    assert_topk(code, ref_f(x, W, b, b_dec), k, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_no_centering(backend):
+    x, W, _, _ = make(6, 20, 50, torch.float32)
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x, W, None, 4)
+    assert_topk(code, ref_f(x, W, None), 4, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lower_index(backend):
+    """Equal pre-activations (duplicated encoder rows) and all-zero rows order by latent id."""
+    B, d, n, k = 5, 16, 48, 6
+    x, W, b, _ = make(B, d, n, torch.float32)
+    W[[7, 30, 41]] = W[3].clone()  # latents 3, 7, 30, 41 always tie
+    b[[7, 30, 41]] = b[3].clone()
+    b += 5.0  # make them win
+    b[[3, 7, 30, 41]] += 100.0
+    x[2] = 0.0  # row 2: z = b exactly
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x, W, b, k)
+    assert code.indices[:, :4].tolist() == [[3, 7, 30, 41]] * B
+    # All-negative rows: every value is zero, ids are the k lowest.
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x, W, torch.full_like(b, -1e3), k)
+    assert (code.values == 0).all()
+    assert code.indices.tolist() == [list(range(k))] * B
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_positives_than_k(backend):
+    """Zero slots after the positives hold the lowest ids among the non-positive latents."""
+    B, d, n, k = 3, 12, 40, 8
+    x, W, _, _ = make(B, d, n, torch.float32)
+    b = torch.full((n,), -1e3, device=DEVICE)
+    b[[5, 17, 33]] = torch.tensor([3.0, 2.0, 1.0], device=DEVICE) * 1e3
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x, W, b, k)
+    assert code.indices.tolist() == [[5, 17, 33, 0, 1, 2, 3, 4]] * B
+    assert (code.values[:, :3] > 0).all() and (code.values[:, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(7, 33, 100, 5), (1, 24, 40, 1), (5, 17, 19, 19)], ids=case_id)
+def test_gradients_match_reference(case, dtype, backend):
+    B, d, n, k = case
+    x, W, b, b_dec = make(B, d, n, dtype)
+    inputs = [t.requires_grad_() for t in (x, W, b, b_dec)]
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(*inputs[:3], k, b_dec=inputs[3])
+    g = torch.randn(B, k, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(code.values, inputs, g)
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    z = R.preactivations(ref_inputs[0], ref_inputs[1], ref_inputs[2], ref_inputs[3])
+    ref_vals = torch.relu(z).gather(1, code.indices.long())  # same selection: gradients of the same set
+    ref_grads = torch.autograd.grad(ref_vals, ref_inputs, g.double())
+    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    x, W, b, b_dec = make(33, 20, 72, torch.float32)
+    W.requires_grad_()
+    runs = []
+    for _ in range(2):
+        with kernels.use_backend(backend):
+            code = kernels.topk_encode(x, W, b, 8, b_dec=b_dec)
+        (gW,) = torch.autograd.grad(code.values, W, torch.ones_like(code.values))
+        runs.append(gW)
+    assert torch.equal(runs[0], runs[1])
+    untouched = torch.ones(W.shape[0], dtype=torch.bool)
+    untouched[code.indices.long().flatten().cpu()] = False
+    assert (runs[0][untouched.to(DEVICE)] == 0).all(), "rows of latents never selected must be zero"
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numels.append((t.numel(), str(func)))
+        return out
+
+
+@pytest.mark.parametrize(
+    "backend,kwargs",
+    [("triton", {}), ("torch", {"budget": 1024})],
+    ids=["fused", "chunked"],
+)
+def test_never_allocates_batch_by_latents(backend, kwargs):
+    B, d, n, k = 32, 12, 600, 8  # d < B: the weight gradient [n, d] is smaller than B x n
+    x, W, b, b_dec = make(B, d, n, torch.float32)
+    inputs = [t.requires_grad_() for t in (x, W, b)]
+    with AllocationRecorder() as rec, kernels.use_backend(backend):
+        if kwargs:
+            values, _ = torch_ops.topk_select(x, W, b, k, **kwargs)
+        else:
+            values = kernels.topk_encode(*inputs, k, b_dec=b_dec).values
+            values.backward(torch.ones_like(values))
+    assert rec.numels, "recorder saw no allocation"
+    biggest = max(rec.numels)
+    assert biggest[0] < B * n, f"{biggest[1]} allocated {biggest[0]} >= B*n = {B * n} elements"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    x, W, b, _ = make(7, 20, 50, torch.float32)
+    x_nc = torch.randn(20, 7, device=DEVICE).T  # stride (1, 7)
+    x_nc.copy_(x)
+    W_nc = torch.randn(50, 40, device=DEVICE)[:, ::2]
+    W_nc.copy_(W)
+    with kernels.use_backend(backend):
+        code = kernels.topk_encode(x_nc, W_nc, b, 4)
+    assert_topk(code, ref_f(x, W, b), 4, torch.float32)
+
+
+def test_large_k_takes_the_chunked_path():
+    """k above the fused kernel's largest KP runs the memory-bounded chunked path transparently."""
+    x, W, b, _ = make(3, 8, 600, torch.float32)
+    with kernels.use_backend("triton"):
+        code = kernels.topk_encode(x, W, b, 300)
+    assert_topk(code, ref_f(x, W, b), 300, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(x=a["x"][0]), ValueError, "x must be 2-D"),
+        (lambda a: a.update(W_enc=a["W_enc"][:, :-1]), ValueError, "W_enc must have 20 columns"),
+        (lambda a: a.update(W_enc=a["W_enc"].half()), TypeError, "W_enc has dtype"),
+        (lambda a: a.update(x=a["x"].long()), TypeError, "x must be float32"),
+        (lambda a: a.update(b_enc=a["b_enc"][:-1]), ValueError, "b_enc must have shape"),
+        (lambda a: a.update(b_dec=a["b_dec"].to("meta")), ValueError, "b_dec is on meta"),
+        (lambda a: a.update(W_enc=a["W_enc"].to("meta")), ValueError, "W_enc is on meta"),
+        (lambda a: a.update(k=0), ValueError, "k must be an int in"),
+        (lambda a: a.update(k=51), ValueError, "k must be an int in"),
+        (lambda a: a.update(k=2.0), ValueError, "k must be an int in"),
+        (lambda a: a["x"].__setitem__((1, 2), float("nan")), ValueError, "x contains NaN"),
+        (lambda a: a["W_enc"].__setitem__((1, 2), float("inf")), ValueError, "W_enc contains NaN or Inf"),
+    ],
+)
+def test_bad_inputs(mutate, exc, match):
+    x, W, b, b_dec = make(7, 20, 50, torch.float32)
+    args = {"x": x, "W_enc": W, "b_enc": b, "k": 4, "b_dec": b_dec}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        kernels.topk_encode(args["x"], args["W_enc"], args["b_enc"], args["k"], b_dec=args["b_dec"])
+
+
+def test_backend_switch():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        kernels.set_backend("cuda")
+    assert kernels.get_backend() == "auto"
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+    assert kernels.get_backend() == "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [(1000, 768, 16384, 64), (4096, 2304, 65536, 128), (333, 1000, 5000, 256)])
+def test_gpu_large(case, dtype):
+    B, d, n, k = case
+    x, W, b, b_dec = make(B, d, n, dtype)
+    code = kernels.topk_encode(x, W, b, k, b_dec=b_dec)
+    assert_topk(code, ref_f(x, W, b, b_dec), k, dtype)
+    assert TOL[dtype]
