@@ -1,14 +1,15 @@
 """Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
 
 Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
-tile, computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation), and keeps a running
-top-KP per row in registers as packed int64 keys (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key
-orders by value, then by lower latent id, so the selection is exact and deterministic. A tile none of
-whose keys beats its row's running KP-th key is skipped without sorting. Each program writes its KP
-candidates per row, so the largest temporary is [B, splits, KP].
-Stage 2: top-k of the splits' candidates per row (torch.topk on the int64 keys).
+tile, computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation) and keeps, per row, the
+KP best entries seen so far as packed int64 keys (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key
+orders by value, then by lower latent id, so the selection is exact and deterministic. The epilogue takes
+a tile's row maxima (tl.max with indices, ties to the lower column) and replaces each row's lowest key
+while the maximum beats it; once the running top-KP has settled, most tiles end after one comparison.
+Each program writes its KP candidates per row, so the largest temporary is [B, splits, KP].
+Stage 2: top-k of the splits' candidates per row (torch.topk on the int64 keys), sorted.
 
-k above the largest tuned KP takes the memory-bounded chunked path (torch_ops.topk_select).
+k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select).
 """
 
 from __future__ import annotations
