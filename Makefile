@@ -44,10 +44,13 @@ gpu-check:
 		| tee $(RESULTS_DIR)/gpu-bench.log
 
 # Compile every Triton kernel for sm_90 with the GPU machine's triton 3.6, on this CPU machine.
-compile-check: $(VENV)/.installed
-	test -x .venv-t36/bin/python || ($(PYTHON) -m venv .venv-t36 && \
-		.venv-t36/bin/pip install -q torch==2.13.0 "triton==3.6.0" "numpy<2.4")
-	.venv-t36/bin/python tests/compile_check.py
+compile-check: .venv-t36/.installed
+	PYTHONPATH=. .venv-t36/bin/python tests/compile_check.py
+
+.venv-t36/.installed:
+	$(PYTHON) -m venv .venv-t36
+	.venv-t36/bin/pip install -q torch==2.13.0 "triton==3.6.0" "numpy<2.4"
+	touch $@
 
 clean:
 	rm -rf $(VENV) .venv-t36 *.egg-info .pytest_cache .ruff_cache
