@@ -7,6 +7,7 @@ from . import reference
 from .backend import get_backend, set_backend, set_validation, use_backend, validation_enabled
 from .batch_topk import batch_topk_encode, batch_topk_inference
 from .code import SparseCode
+from .prefix import prefix_errors, prefix_losses
 from .sparse_decode import sparse_decode
 from .threshold_encode import GatedCode, JumpReLUCode, gated_encode, jumprelu_encode, relu_encode
 from .topk_encode import topk_encode
@@ -22,6 +23,8 @@ __all__ = [
     "gated_encode",
     "get_backend",
     "jumprelu_encode",
+    "prefix_errors",
+    "prefix_losses",
     "reference",
     "relu_encode",
     "set_backend",

@@ -114,3 +114,23 @@ def batch_topk(x, W_enc, b_enc, k: int, *, b_dec=None) -> torch.Tensor:
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.sort(flat.detach(), descending=True, stable=True).indices[: f.shape[0] * k]] = True
     return torch.where(keep.view_as(f) & (f > 0), f, 0.0)
+
+
+def prefix_errors(code: SparseCode, W_dec: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+    """[B, K + 1]: E[b, t] = ||r0[b] - decode of the first t slots||^2, one decode per t."""
+    K = code.values.shape[1]
+    cols = [r0 - sparse_decode(SparseCode(code.values[:, :t], code.indices[:, :t]), W_dec) for t in range(K + 1)]
+    return torch.stack([c.pow(2).sum(-1) for c in cols], 1)
+
+
+def prefix_losses(code: SparseCode, W_dec, b_dec, target, prefix_weights) -> torch.Tensor:
+    """[B]: sum over prefix sizes m = 1..n of prefix_weights[m - 1] ||target - x_hat_m||^2, x_hat_m the
+    decode of the latents i < m (one dense decode per prefix)."""
+    n = W_dec.shape[0]
+    f = code.values.new_zeros(code.values.shape[0], n).scatter_add(1, code.indices.long(), code.values)
+    out = target.new_zeros(target.shape[0])
+    for m in range(1, n + 1):
+        if prefix_weights[m - 1] != 0:
+            x_hat = f[:, :m] @ W_dec[:m] + (0 if b_dec is None else b_dec)
+            out = out + prefix_weights[m - 1] * (target - x_hat).pow(2).sum(-1)
+    return out

@@ -1,6 +1,22 @@
-"""SAE model classes built on the `kernels` ops."""
+"""SAE model classes built on the `kernels` ops, their file formats and hooks into PyTorch models."""
 
 from .base import SAE
-from .topk import TopKSAE
+from .formats import load, save
+from .hooks import attach
+from .prefix import MatryoshkaSAE, OrderedSAE
+from .threshold import GatedSAE, JumpReLUSAE, ReLUSAE
+from .topk import BatchTopKSAE, TopKSAE
 
-__all__ = ["SAE", "TopKSAE"]
+__all__ = [
+    "SAE",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
+    "OrderedSAE",
+    "ReLUSAE",
+    "TopKSAE",
+    "attach",
+    "load",
+    "save",
+]

@@ -1,6 +1,18 @@
-"""The small base every SAE class shares: parameters, shapes, decode, forward, loss."""
+"""The small base every SAE class shares: parameters, normalisation, decode, forward, loss, folding.
+
+Shapes: x [..., d_in] -> code (SparseCode, [B, K]) -> x_hat [..., d_out], B the product of the leading dims.
+Weights are latent-major: W_enc [d_sae, d_in], W_dec [d_sae, d_out]; optional skip W_skip [d_out, d_in].
+
+Pipeline (forward and loss): rows -> normalise -> encode -> decode (+ skip) -> undo the normalisation.
+Normalisation, as in SAELens: "none"; "layer_norm" ((x - mean) / (std + 1e-5), per token, unbiased std);
+"constant_norm_rescale" (x * sqrt(d_in) / ||x||, per token); then a constant `act_scale` (the dataset-wide
+activation scale, "expected_average_only_in"). Losses are measured in the normalised space.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -8,73 +20,254 @@ from torch import nn
 import kernels
 from kernels import SparseCode
 
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+LN_EPS = 1e-5
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
 
 class SAE(nn.Module):
-    """x_hat = f(x) W_dec + b_dec with latent-major weights: W_enc, W_dec [d_sae, d_in].
+    """x_hat = f(x) W_dec + b_dec (+ x W_skip^T) with latent-major weights.
 
-    Decoder rows start at unit norm and the encoder starts as the decoder (the transpose, in the usual
-    [d_in, d_sae] layout). Subclasses define `encode_sparse`.
+    Decoder rows start at unit norm and the encoder starts as the decoder (when d_out == d_in).
+    Subclasses define `_encode` (and, for extra loss terms, `_encode_info` and `_add_losses`).
     """
+
+    has_b_enc = True  # gated SAEs have b_gate / b_mag instead
+    architecture = "standard"  # the SAELens architecture name `save` writes
 
     def __init__(
         self,
         d_in: int,
         d_sae: int,
         *,
-        apply_b_dec_to_input: bool = True,
+        d_out: int | None = None,
+        skip: bool = False,
+        apply_b_dec_to_input: bool | None = None,
+        normalize_activations: str = "none",
+        act_scale: float = 1.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.d_in, self.d_sae = d_in, d_sae
-        self.apply_b_dec_to_input = apply_b_dec_to_input
-        W_dec = torch.randn(d_sae, d_in, dtype=torch.float32, device=device)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        d_out = d_in if d_out is None else d_out
+        for name, value in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+            _positive_int(name, value)
+        if apply_b_dec_to_input is None:
+            apply_b_dec_to_input = d_out == d_in
+        if apply_b_dec_to_input and d_out != d_in:
+            raise ValueError(f"apply_b_dec_to_input needs d_out == d_in, got d_in={d_in}, d_out={d_out}")
+        if normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got {normalize_activations!r}")
+        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.normalize_activations = normalize_activations
+        self.act_scale = float(act_scale)
         kw = {"dtype": dtype or torch.float32, "device": device}
+        W_dec = torch.randn(d_sae, d_out, dtype=torch.float32, device=device)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if d_out == d_in:
+            W_enc = W_dec.clone()
+        else:
+            W_enc = torch.randn(d_sae, d_in, dtype=torch.float32, device=device)
+            W_enc /= W_enc.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(**kw))
-        self.W_enc = nn.Parameter(W_dec.clone().to(**kw))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.W_enc = nn.Parameter(W_enc.to(**kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw)) if self.has_b_enc else None
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if skip else None
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] -> [B, d_in] in the parameters' dtype."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"x must have last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
-        return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+    # Shapes and normalisation ---------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def _rows(self, x: torch.Tensor, dim: str = "d_in", name: str = "x") -> torch.Tensor:
+        """[..., d] -> [B, d] in the parameters' dtype; dim names d ("d_in" or "d_out")."""
+        d = getattr(self, dim)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != d:
+            raise ValueError(f"{name} must have last dimension {dim}={d}, got shape {tuple(x.shape)}")
+        return x.reshape(-1, d).to(self.dtype)
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """x [B, d_in] -> (normalised x, state) with x = xn * state[0] + state[1] (per token)."""
+        mode = self.normalize_activations
+        if mode == "layer_norm":
+            mu = x.mean(-1, keepdim=True)
+            std = (x - mu).std(-1, keepdim=True)
+            xn, scale, shift = (x - mu) / (std + LN_EPS), std, mu
+        elif mode == "constant_norm_rescale":
+            coeff = math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True)
+            xn, scale, shift = x * coeff, 1 / coeff, None
+        else:
+            xn, scale, shift = x, None, None
+        if self.act_scale != 1.0:
+            xn = xn * self.act_scale
+            scale = 1 / self.act_scale if scale is None else scale / self.act_scale
+        return xn, (scale, shift)
+
+    @staticmethod
+    def _denormalize(y: torch.Tensor, state: tuple) -> torch.Tensor:
+        scale, shift = state
+        y = y if scale is None else y * scale
+        return y if shift is None else y + shift
+
+    @staticmethod
+    def _normalize_like(y: torch.Tensor, state: tuple) -> torch.Tensor:
+        """A target in the normalised space of the input whose state this is."""
+        scale, shift = state
+        y = y if shift is None else y - shift
+        return y if scale is None else y / scale
+
+    # Encode / decode ------------------------------------------------------------------------------
+
+    def _centre(self) -> torch.Tensor | None:
+        """b_dec as the encoder's input centering, or None."""
+        return self.b_dec if self.apply_b_dec_to_input else None
+
+    def _encode(self, xn: torch.Tensor) -> SparseCode:
+        """Normalised rows xn [B, d_in] -> SparseCode [B, K]."""
+        raise NotImplementedError
+
+    def _encode_info(self, xn: torch.Tensor) -> tuple[SparseCode, object]:
+        """(code, what the loss terms need besides the code)."""
+        return self._encode(xn), None
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
-        """x: [..., d_in] -> SparseCode with [B, K] values and indices, B the product of the leading dims."""
-        raise NotImplementedError
+        """x: [..., d_in] -> SparseCode with [B, K] values and indices (of the normalised input)."""
+        return self._encode(self._normalize(self._rows(x))[0])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense activations [..., d_sae] (for compatibility; allocates B x d_sae)."""
-        return self.encode_sparse(x).to_dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
+        code = self.encode_sparse(x)
+        dense = code.values.new_zeros(code.values.shape[0], self.d_sae).scatter_add(1, code.indices.long(), code.values)
+        return dense.reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        """[B, d_in] = b_dec + sum of the code's W_dec rows."""
+        """[B, d_out] = b_dec + sum of the code's W_dec rows (in the normalised space, no skip)."""
         return kernels.sparse_decode(code, self.W_dec, self.b_dec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., d_in] -> x_hat: [..., d_in]."""
-        return self.decode(self.encode_sparse(x)).reshape(x.shape).to(x.dtype)
+    def _output(self, code: SparseCode, xn: torch.Tensor) -> torch.Tensor:
+        out = self.decode(code)
+        return out if self.W_skip is None else out + xn @ self.W_skip.T
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"loss", "mse", "fvu", "l0"}: mse = mean ||x - x_hat||^2; fvu vs the variance about the mean."""
-        x2 = self._rows(x)
-        code = self.encode_sparse(x2)
-        x_hat = self.decode(code)
-        err = (x_hat.float() - x2.float()).pow(2).sum(-1)
-        var = (x2.float() - x2.float().mean(0)).pow(2).sum(-1)
+    def run(
+        self, x: torch.Tensor, *, edit: Callable[[SparseCode], SparseCode] | None = None
+    ) -> tuple[SparseCode, torch.Tensor]:
+        """x: [..., d_in] -> (code [B, K], x_hat [..., d_out] in x.dtype); `edit` may change the code before
+        it is decoded (steering)."""
+        xn, state = self._normalize(self._rows(x))
+        code = self._encode(xn)
+        if edit is not None:
+            code = edit(code)
+        out = self._denormalize(self._output(code, xn), state)
+        return code, out.reshape(*x.shape[:-1], self.d_out).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., d_in] -> x_hat: [..., d_out]."""
+        return self.run(x)[1]
+
+    # Loss -----------------------------------------------------------------------------------------
+
+    def loss(
+        self, x: torch.Tensor, *, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{"loss" (the total to backprop), "mse", "fvu", "l0", and the architecture's parts}.
+
+        x: [..., d_in]; target: [..., d_out] (transcoders; default x); dead_mask: [d_sae] bool (AuxK).
+        mse = mean over tokens of ||y - y_hat||^2 and fvu = its sum over sum ||y - mean(y)||^2, both in
+        the normalised space.
+        """
+        xn, state = self._normalize(self._rows(x))
+        if target is None:
+            if self.d_out != self.d_in:
+                raise ValueError(f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target")
+            y = xn
+        else:
+            y = self._normalize_like(self._rows(target, "d_out", "target"), state)
+        code, info = self._encode_info(xn)
+        y_hat = self._output(code, xn)
+        err = (y_hat.float() - y.float()).pow(2).sum(-1)
         mse = err.mean()
-        return {
+        parts = {
             "loss": mse,
             "mse": mse,
-            "fvu": err.sum() / var.sum().clamp_min(torch.finfo(torch.float32).tiny),
+            "fvu": err.sum() / self._variance(y),
             "l0": (code.values != 0).sum(-1).float().mean(),
         }
+        self._add_losses(parts, xn=xn, y=y, code=code, info=info, y_hat=y_hat, dead_mask=dead_mask)
+        return parts
+
+    @staticmethod
+    def _variance(y: torch.Tensor) -> torch.Tensor:
+        """sum ||y - mean(y)||^2 over the batch (fp32, never 0)."""
+        y = y.float()
+        return (y - y.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+    def _add_losses(self, parts: dict, **ctx) -> None:
+        """Add the architecture's terms to parts (and to parts["loss"])."""
+
+    # Weight transforms ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Give every decoder row unit norm without changing x_hat: W_dec,i /= n_i, f_i *= n_i.
+
+        Rows of norm 0 (dead latents) are left as they are. Exact for ReLU, JumpReLU and gated SAEs;
+        selections across latents (TopK, BatchTopK) compare rescaled values afterwards.
+        """
+        norms = self.W_dec.float().norm(dim=1)
+        s = torch.where(norms > 0, norms, 1.0)
+        self.W_dec.copy_(self.W_dec.float() / s[:, None])
+        self.W_enc.copy_(self.W_enc.float() * s[:, None])
+        self._scale_latents(s)
+
+    def _scale_latents(self, s: torch.Tensor) -> None:
+        """Scale the per-latent pre-activation parameters by s [d_sae] (the encoder rows are done)."""
+        if self.b_enc is not None:
+            self.b_enc.copy_(self.b_enc.float() * s)
+
+    @torch.no_grad()
+    def fold_act_scale(self) -> None:
+        """Fold the constant act_scale into the weights (act_scale becomes 1; outputs unchanged)."""
+        c = self.act_scale
+        if c == 1.0:
+            return
+        self.W_enc.mul_(c)  # z = (c x - b_dec) W_enc^T + b_enc = (x - b_dec / c) (c W_enc)^T + b_enc
+        self.W_dec.div_(c)  # the output was divided by c; W_skip sees c x and is divided by c: unchanged
+        self.b_dec.div_(c)
+        self.act_scale = 1.0
+
+    def config(self) -> dict:
+        """The hyperparameters that rebuild this model (besides its weights)."""
+        return {
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "d_out": self.d_out,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": self.normalize_activations,
+            "act_scale": self.act_scale,
+            "skip": self.W_skip is not None,
+        }
+
+    def save(self, path, format: str = "saelens") -> None:
+        """Write the model to `path` (a folder; SAELens layout), atomically per file."""
+        from .formats import save
+
+        save(self, path, format=format)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.W_enc.dtype}"
+        out = f"d_in={self.d_in}, d_sae={self.d_sae}"
+        if self.d_out != self.d_in:
+            out += f", d_out={self.d_out}"
+        return f"{out}, dtype={self.dtype}"

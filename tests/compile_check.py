@@ -26,6 +26,7 @@ scatter, sparse_decode, topk_encode = (
     importlib.import_module(f"kernels.{name}") for name in ("scatter", "sparse_decode", "topk_encode")
 )
 threshold_encode = importlib.import_module("kernels.threshold_encode")
+prefix = importlib.import_module("kernels.prefix")
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -71,6 +72,16 @@ def cases():
                  "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": "tf32"}  # fmt: skip
         opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         yield f"threshold_encode {dt} {act}", threshold_encode._threshold_encode_kernel, sig, const, opts
+    for dt, ptr in DTYPES.items():
+        sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "r0_ptr": ptr, "out_ptr": "*fp32"}
+        strides = ["stride_v", "stride_i", "stride_w", "stride_r"]
+        sig |= dict.fromkeys(["K", "D", *strides, "stride_ob", "stride_ot"], "i32")
+        const, opts = {"BLOCK_D": prefix.BLOCK_D}, {"num_warps": 4}
+        yield f"prefix_errors {dt}", prefix._prefix_fwd_kernel, sig, const, opts
+        sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "r0_ptr": ptr, "g_ptr": "*fp32", "dv_ptr": "*fp32",
+               "dr0_ptr": ptr, "s_ptr": "*fp32"}  # fmt: skip
+        sig |= dict.fromkeys(["K", "D", *strides, "stride_g", "stride_db", "stride_dt", "stride_dr"], "i32")
+        yield f"prefix_errors_backward {dt}", prefix._prefix_bwd_kernel, sig, const | {"WRITE_S": True}, opts
 
 
 def ptxas_usage(ptx: str) -> str:

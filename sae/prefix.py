@@ -1,0 +1,77 @@
+"""Nested-prefix SAEs on a BatchTopK encoder: Matryoshka (Bussmann et al.; Nabeshima) and Ordered
+("Enforcing Orderedness to Improve Feature Consistency").
+
+    loss = sum over prefix sizes m of w_m ||y - x_hat_m||^2 (mean over tokens) [+ aux_coeff AuxK],
+    x_hat_m the reconstruction from the latents i < m
+
+All prefix reconstructions come from cumulative sums over each token's active latents (kernels.prefix_losses),
+O(k d) per token, never one decode per prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+
+from .topk import BatchTopKSAE
+
+
+class _PrefixSAE(BatchTopKSAE):
+    """BatchTopK encoder, prefix loss; subclasses give the weight of every prefix size (`_size_weights`)."""
+
+    def _size_weights(self) -> torch.Tensor:
+        """[d_sae] fp32: the weight of prefix size m at m - 1."""
+        raise NotImplementedError
+
+    def _add_losses(self, parts, *, xn, y, code, **ctx):
+        target = y if self.W_skip is None else y - xn @ self.W_skip.T
+        weights = self._size_weights().to(self.device)
+        prefix = kernels.prefix_losses(code, self.W_dec, self.b_dec, target.to(self.dtype), weights).mean()
+        parts["prefix"] = prefix
+        parts["loss"] = prefix
+        super()._add_losses(parts, xn=xn, y=y, code=code, **ctx)
+
+
+class MatryoshkaSAE(_PrefixSAE):
+    """Nested dictionaries: prefix sizes `prefixes` (increasing, the last = d_sae) with `prefix_weights`
+    (default: equal weights summing to 1). Both plain attributes a trainer may change between steps."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, prefixes, prefix_weights=None, **kw):
+        super().__init__(d_in, d_sae, k, **kw)
+        self.prefixes = [int(m) for m in prefixes]
+        self.prefix_weights = (
+            [1.0 / len(self.prefixes)] * len(self.prefixes) if prefix_weights is None else list(prefix_weights)
+        )
+        self._size_weights()  # validates
+
+    def _size_weights(self) -> torch.Tensor:
+        p, w = self.prefixes, self.prefix_weights
+        if not p or p[-1] != self.d_sae or any(a >= b for a, b in zip(p, p[1:])) or p[0] < 1:
+            raise ValueError(f"prefixes must increase from >= 1 to d_sae={self.d_sae}, got {p}")
+        if len(w) != len(p):
+            raise ValueError(f"prefix_weights needs one weight per prefix ({len(p)}), got {len(w)}")
+        out = torch.zeros(self.d_sae, dtype=torch.float32)
+        out[torch.tensor(p) - 1] = torch.tensor(w, dtype=torch.float32)
+        return out
+
+    def config(self) -> dict:
+        return {**super().config(), "prefixes": self.prefixes, "prefix_weights": self.prefix_weights}
+
+
+class OrderedSAE(_PrefixSAE):
+    """Every prefix size m = 1..d_sae, with weights `prefix_weights` ([d_sae], p(m) at m - 1; default
+    uniform 1 / d_sae), so that earlier latents carry the coarser features in a fixed order."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, prefix_weights=None, **kw):
+        super().__init__(d_in, d_sae, k, **kw)
+        if prefix_weights is None:
+            prefix_weights = torch.full((d_sae,), 1.0 / d_sae)
+        self.prefix_weights = torch.as_tensor(prefix_weights, dtype=torch.float32)
+        self._size_weights()
+
+    def _size_weights(self) -> torch.Tensor:
+        w = torch.as_tensor(self.prefix_weights, dtype=torch.float32)
+        if w.shape != (self.d_sae,):
+            raise ValueError(f"prefix_weights must have shape ({self.d_sae},), got {tuple(w.shape)}")
+        return w
