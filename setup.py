@@ -10,10 +10,10 @@ setup(
     packages=["kernels", "sae", "bench"],
     package_data={"kernels": ["configs/*.json"]},
     # Ranges satisfied by CI (torch 2.13.0 CPU, triton 3.9) and the GPU machine (torch 2.11, triton 3.6, numpy 2.5).
-    install_requires=["torch>=2.5,<2.14", "triton>=3.2,<3.10", "numpy>=1.24,<3"],
+    install_requires=["torch>=2.5,<2.14", "triton>=3.2,<3.10", "numpy>=1.24,<3", "safetensors>=0.4"],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12", "safetensors>=0.4"],
+        "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
         "peers": ["eai-sparsify"],
     },
 )
