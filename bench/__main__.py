@@ -1,0 +1,93 @@
+"""`python -m bench`: measure every op and a TopK SAE training step against the baselines on this device.
+
+Examples:
+  python -m bench                              # the quick suite on CUDA if present, else on the CPU
+  python -m bench --full --device cuda         # the whole sweep of DESIGN section 7
+  python -m bench --cases 'encode*,step' --n 16384,65536 --providers ours,dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+from .cases import CHECK_ROWS, DTYPES, GPU_REFERENCE, OPS, select_ops, suite_shapes
+from .providers import PROVIDERS
+from .suite import Run, execute
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    suite = ap.add_mutually_exclusive_group()
+    choose = lambda name, what: suite.add_argument(
+        f"--{name}", dest="suite", action="store_const", const=name, help=what
+    )
+    choose("quick", "the quick suite (the default)")
+    choose("full", "the whole sweep")
+    ap.add_argument("--cases", help=f"comma-separated op name patterns, from: {', '.join(OPS)}")
+    ap.add_argument("--providers", help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    ap.add_argument("--results-dir", type=Path, help="default: $RESULTS_DIR or bench/results")
+    axes = {"n": "dictionary sizes", "d": "input widths", "k": "k values", "batch": "batch sizes"}
+    for axis, what in axes.items():
+        ap.add_argument(f"--{axis}", type=_ints, help=f"override the suite's {what} (comma-separated)")
+    ap.set_defaults(suite="quick")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    results_dir = args.results_dir or Path(os.environ.get("RESULTS_DIR") or Path(__file__).parent / "results")
+    names = [p.strip() for p in args.providers.split(",")] if args.providers else list(PROVIDERS)
+    unknown = [p for p in names if p not in PROVIDERS]
+    if unknown:
+        print(f"--providers: unknown {unknown}; choose from {list(PROVIDERS)}", file=sys.stderr)
+        return 2
+    overrides = {"n": args.n, "d": args.d, "k": args.k, "B": args.batch}
+    shapes = suite_shapes(args.suite, device, args.dtype, overrides)
+    run = Run(args.suite, device, shapes, select_ops(args.cases), [])
+    for name in names:
+        reason = PROVIDERS[name].unavailable()
+        if name == "chunked" and device == "cpu" and not args.providers:
+            reason = "on the CPU 'ours' runs this very code (the kernels' torch backend); ask for it by name"
+        if reason:
+            run.note(f"provider {name} skipped: {reason}")
+        else:
+            run.providers.append(PROVIDERS[name])
+    if device == "cpu" and args.suite == "quick":
+        axis = lambda a: ", ".join(str(v) for v in sorted({getattr(s, a) for s in shapes}))
+        run.note(
+            f"CPU quick suite: B={axis('B')}, d={axis('d')}, k={axis('k')}, {axis('dtype')}, "
+            f"n in {axis('n')}: shapes that fit the CPU time budget, "
+            f"not the GPU reference shape ({GPU_REFERENCE.label()})"
+        )
+    if device == "cpu":
+        run.note("CPU: 'ours' runs the kernels' torch backend (chunked PyTorch), as kernels does on CPU tensors")
+    run.note(f"every provider is checked against the float64 reference on {CHECK_ROWS} rows before timing")
+    t0 = time.perf_counter()
+    doc = execute(run)
+    doc["wall_s"] = time.perf_counter() - t0
+    print(report.text_table(doc))
+    for path in report.write(doc, results_dir):
+        print(f"wrote {path}")
+    print(f"done in {doc['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

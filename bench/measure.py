@@ -1,0 +1,271 @@
+"""Measuring: device facts, versions, timing, peak memory and energy.
+
+Timing. CUDA: `triton.testing.do_bench` (it flushes the L2 cache before every run, so inputs never start
+warm in cache; median and 20/80 quantiles). CPU: one warm-up call, then repeated calls until `CPU_BUDGET_S`
+seconds have passed (at least `CPU_MIN_REPS`, at most `CPU_MAX_REPS`); median and 20/80 quantiles.
+
+Peak memory of a provider on an op, over its setup (e.g. the forward pass a backward needs) and its first
+call (so lazily created state such as Adam's moments counts), with every live tensor counted: the case's
+weights and inputs, the provider's state and its temporaries. CUDA: `torch.cuda.max_memory_allocated`
+after a reset. CPU: the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set before the setup, measured after `gc.collect()` and
+`malloc_trim(0)` so memory freed earlier is not counted, plus the bytes of the weights and inputs that
+were already live; None where the kernel does not allow the reset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CPU_BUDGET_S = 0.5
+CPU_MIN_REPS = 3
+CPU_MAX_REPS = 25
+ENERGY_WINDOW_S = 0.5
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # the copy ceiling's buffer, far larger than any cache
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str) -> tuple[float, float, float]:
+    """(median, 20% quantile, 80% quantile) of fn's time in ms; fn must already be warm."""
+    if device == "cuda":
+        import triton.testing
+
+        med, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(q20), float(q80)
+    times: list[float] = []
+    start = time.perf_counter()
+    more = lambda: len(times) < CPU_MAX_REPS and time.perf_counter() - start < CPU_BUDGET_S
+    while len(times) < CPU_MIN_REPS or more():
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _release_freed() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryProbe:
+    """Peak memory of a provider's setup and first call; see the module docstring."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rss0: int | None = None
+
+    def start(self) -> None:
+        """Call before the provider allocates anything for the op."""
+        _release_freed()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.rss0 = _proc_status_kib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            self.rss0 = None
+
+    def stop(self, shared_bytes: int) -> int | None:
+        """Peak bytes since start(). CPU: the RSS growth plus `shared_bytes`, the live tensors the op shares
+        (weights, inputs), which CUDA's max_memory_allocated counts by itself. None where not measurable."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        hwm = _proc_status_kib("VmHWM")
+        if self.rss0 is None or hwm is None:
+            return None
+        return max(0, hwm - self.rss0) * 1024 + shared_bytes
+
+    def available_bytes(self) -> int:
+        """Memory a case may use: the GPU's total memory, or the machine's MemAvailable."""
+        if self.device == "cuda":
+            return torch.cuda.mem_get_info()[1]
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---- device facts, energy ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _nvml_handle():
+    """(pynvml module, handle of the current CUDA device), or None when NVML is unavailable.
+
+    The device is found by UUID (robust to CUDA_VISIBLE_DEVICES), else by index."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library or no driver: report without NVML
+        return None
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    handle = _query(pynvml.nvmlDeviceGetHandleByUUID, f"GPU-{uuid}") if uuid is not None else None
+    handle = handle or _query(pynvml.nvmlDeviceGetHandleByIndex, index)
+    return None if handle is None else (pynvml, handle)
+
+
+def _query(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:  # NVML raises for fields a device does not support
+        return None
+
+
+def device_facts(device: str) -> dict:
+    """Facts about the device a run measures: NVML's view of the GPU, or the CPU's core count."""
+    if device != "cuda":
+        model = None
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return {
+            "kind": "cpu",
+            "name": model or platform.processor() or "cpu",
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "memory_bytes": MemoryProbe("cpu").available_bytes(),
+        }
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    facts = {
+        "kind": "cuda",
+        "name": props.name,
+        "sm_count": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_bytes": props.total_memory,
+        "nvml": False,
+    }
+    nv = _nvml_handle()
+    if nv is None:
+        return facts
+    pynvml, h = nv
+    facts.update(
+        nvml=True,
+        driver=_query(pynvml.nvmlSystemGetDriverVersion),
+        sm_clock_mhz=_query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
+        sm_clock_max_mhz=_query(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_SM),
+        mem_clock_mhz=_query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
+        mem_clock_max_mhz=_query(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_MEM),
+        power_limit_w=(_query(pynvml.nvmlDeviceGetPowerManagementLimit, h) or 0) / 1e3 or None,
+        temperature_c=_query(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
+    )
+    return facts
+
+
+def energy_j_per_call(fn: Callable[[], object], device: str) -> float | None:
+    """Joules per call from NVML's energy counter over a window of about ENERGY_WINDOW_S (CUDA only)."""
+    nv = _nvml_handle() if device == "cuda" else None
+    if nv is None:
+        return None
+    pynvml, h = nv
+    torch.cuda.synchronize()
+    e0 = _query(pynvml.nvmlDeviceGetTotalEnergyConsumption, h)  # mJ
+    if e0 is None:
+        return None
+    calls, t0 = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - t0 < ENERGY_WINDOW_S:
+        fn()
+        calls += 1
+        if calls % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    e1 = _query(pynvml.nvmlDeviceGetTotalEnergyConsumption, h)
+    return None if e1 is None else (e1 - e0) / 1e3 / calls
+
+
+def versions() -> dict:
+    import numpy
+    import triton
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+    }
+
+
+def git_commit() -> dict:
+    """The checkout's commit and whether it has uncommitted changes (None outside a git checkout)."""
+
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+# ---- ceilings --------------------------------------------------------------------------------------------
+
+
+def copy_ceiling(device: str) -> dict:
+    """Device-to-device copy bandwidth: dst.copy_(src) of a large buffer, bytes read + written per second."""
+    nbytes = COPY_BYTES[device]
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    fn = lambda: dst.copy_(src)
+    fn()
+    sync(device)
+    ms, q20, q80 = time_ms(fn, device)
+    return {"bytes": nbytes, "ms": ms, "ms_q20": q20, "ms_q80": q80, "gbps": 2 * nbytes / ms / 1e6}
+
+
+def gemm_ceiling(x: torch.Tensor, W: torch.Tensor, device: str) -> dict:
+    """The encoder's GEMM x [B, d] @ W^T [d, n] (cuBLAS on CUDA), the one product an SAE cannot avoid."""
+    with torch.no_grad():
+        fn = lambda: x @ W.T
+        fn()
+        sync(device)
+        ms, q20, q80 = time_ms(fn, device)
+    flops = 2 * x.shape[0] * x.shape[1] * W.shape[0]
+    return {"ms": ms, "ms_q20": q20, "ms_q80": q80, "tflops": flops / ms / 1e9}

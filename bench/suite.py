@@ -1,0 +1,177 @@
+"""Runs a suite: for every shape, the two ceilings, then every (op, provider): check, peak memory, timing."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+
+from . import measure
+from .cases import OPS, Inputs, Shape, check, estimate_bytes
+from .providers import BASELINES, Provider
+
+
+class Progress:
+    """A text progress bar on stderr: redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.done, self.width = total, 0, width
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        filled = self.width * self.done // max(1, self.total)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
+        sys.stderr.write(f"\r{line:<110}" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+@dataclass
+class Run:
+    suite: str
+    device: str
+    shapes: list[Shape]
+    ops: list[str]
+    providers: list[type[Provider]]
+    notes: list[str] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+    gemm: list[dict] = field(default_factory=list)
+
+    def note(self, line: str) -> None:
+        print(line, file=sys.stderr)
+        self.notes.append(line)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _metrics(op: str, I: Inputs, ms: float, gemm_ms: float | None, copy_gbps: float) -> dict:
+    s, U = I.shape, I.touched
+    gbps = OPS[op].bytes(s, U) / ms / 1e6
+    return {
+        "tokens_per_s": s.B / ms * 1e3,
+        "tflops": OPS[op].flops(s, U) / ms / 1e9,
+        "gbps": gbps,
+        "x_gemm": ms / gemm_ms if gemm_ms else None,
+        "copy_bw_frac": gbps / copy_gbps,
+    }
+
+
+def _measure(run: Run, op: str, cls: type[Provider], I: Inputs, probe, gemm_ms, copy_gbps) -> dict:
+    P = cls(I.params)
+    check(op, P, I)  # raises CheckError on a wrong output: nothing wrong gets timed
+    probe.start()
+    fn = OPS[op].setup(P, I)
+    fn()  # the warm-up
+    peak = probe.stop(I.nbytes())
+    ms, q20, q80 = measure.time_ms(fn, run.device)
+    energy = measure.energy_j_per_call(fn, run.device)
+    del P, fn
+    return {
+        "status": "ok",
+        "ms": ms,
+        "ms_q20": q20,
+        "ms_q80": q80,
+        **_metrics(op, I, ms, gemm_ms, copy_gbps),
+        "peak_mem_bytes": peak,
+        "energy_j_per_token": None if energy is None else energy / I.shape.B,
+    }
+
+
+def _add_speedups(records: list[dict]) -> None:
+    """speedup[b] = time of baseline b / time of this provider, within one (shape, op)."""
+    ms = {r["provider"]: r["ms"] for r in records if r["status"] == "ok"}
+    for r in records:
+        if r["status"] == "ok":
+            r["speedup"] = {b: ms[b] / r["ms"] for b in BASELINES if b in ms}
+
+
+def execute(run: Run) -> dict:
+    """Run every case of `run`; returns the results document (see report.write_json)."""
+    probe = measure.MemoryProbe(run.device)
+    avail = probe.available_bytes()
+    validate = kernels.validation_enabled()
+    kernels.set_validation(False)  # no host-syncing finiteness checks while timing
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    total = 1 + len(run.shapes) * (1 + sum(op in c.ops for op in run.ops for c in run.providers))
+    progress = Progress(total)
+    try:
+        progress.step("ceiling: device-to-device copy")
+        copy = measure.copy_ceiling(run.device)
+        _free(run.device)
+        for shape in run.shapes:
+            _run_shape(run, shape, probe, avail, copy["gbps"], progress)
+    finally:
+        progress.close()
+        kernels.set_validation(validate)
+    return {
+        "suite": run.suite,
+        "created": created,
+        "command": sys.argv,
+        "device": measure.device_facts(run.device),
+        "versions": measure.versions(),
+        "git": measure.git_commit(),
+        "config": {
+            "ours_backend": "triton" if run.device == "cuda" else "torch",
+            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "timing": "triton.testing.do_bench" if run.device == "cuda" else "median of repeated runs",
+            "peak_memory": "cuda max_memory_allocated" if run.device == "cuda" else "peak RSS growth",
+        },
+        "ceilings": {"copy": copy, "gemm": run.gemm},
+        "notes": run.notes,
+        "results": run.results,
+    }
+
+
+def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, progress: Progress) -> None:
+    base = shape.itemsize * (2 * shape.n * shape.d + 3 * shape.B * shape.d + shape.B * shape.n)
+    progress.step(f"ceiling: GEMM {shape.label()}")
+    try:
+        if base > 0.9 * avail:
+            raise torch.cuda.OutOfMemoryError(f"weights, inputs and the GEMM need {base / 2**30:.1f} GiB")
+        I = Inputs.make(shape, run.device)
+        gemm = {**shape.asdict(), **measure.gemm_ceiling(I.x, I.params.W_enc, run.device)}
+    except torch.cuda.OutOfMemoryError as e:
+        run.note(f"skip {shape.label()}: {str(e).splitlines()[0]} (of {avail / 2**30:.1f} GiB)")
+        for _ in range(sum(op in c.ops for op in run.ops for c in run.providers)):
+            progress.step(f"skipped {shape.label()}")
+        _free(run.device)
+        return
+    run.gemm.append(gemm)
+    _free(run.device)
+    for op in run.ops:
+        records = []
+        for cls in run.providers:
+            if op not in cls.ops:
+                continue
+            progress.step(f"{op} {shape.label()} {cls.name}")
+            rec = {"op": op, **shape.asdict(), "provider": cls.name, "touched_latents": I.touched}
+            need = estimate_bytes(op, cls, shape)
+            if need > 0.95 * avail:
+                rec.update(status="skipped", reason=f"needs ~{need / 2**30:.1f} GiB of {avail / 2**30:.1f}")
+            else:
+                try:
+                    rec.update(_measure(run, op, cls, I, probe, gemm["ms"], copy_gbps))
+                except torch.cuda.OutOfMemoryError:
+                    rec.update(status="skipped", reason="out of memory")
+            if rec["status"] == "skipped":
+                run.note(f"skip {op} {shape.label()} {cls.name}: {rec['reason']}")
+            I.params.zero_grad()
+            _free(run.device)
+            records.append(rec)
+        _add_speedups(records)
+        run.results.extend(records)
+    del I
+    _free(run.device)

@@ -1,0 +1,141 @@
+"""pytest-benchmark entries for every (op, provider), and tests of the suite itself.
+
+`pytest bench/ --benchmark-only` times each entry (the device is synchronised inside the timed function;
+device facts go to extra_info): the reference shape on CUDA, a tiny shape on the CPU. CI runs
+`pytest bench --benchmark-disable`, which runs every entry once, checks included.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kernels
+from bench import measure
+from bench.__main__ import main
+from bench.cases import GPU_REFERENCE, OPS, CheckError, Inputs, Shape, build
+from bench.providers import PROVIDERS, Dense, Ours, TorchSparse
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = GPU_REFERENCE if DEVICE == "cuda" else Shape(B=64, d=48, n=640, k=8, dtype="float32")
+CASES = [pytest.param(op, name, id=f"{op}-{name}") for op in OPS for name, cls in PROVIDERS.items() if op in cls.ops]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_validation():
+    previous = kernels.validation_enabled()
+    kernels.set_validation(False)
+    yield
+    kernels.set_validation(previous)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return Inputs.make(SHAPE, DEVICE)
+
+
+@pytest.mark.parametrize("op, provider", CASES)
+def test_bench(benchmark, inputs, op, provider):
+    cls = PROVIDERS[provider]
+    if reason := cls.unavailable():
+        pytest.skip(reason)
+    fn = build(op, cls, inputs)
+
+    def timed():
+        fn()
+        measure.sync(DEVICE)
+
+    benchmark.extra_info.update(device=measure.device_facts(DEVICE), shape=SHAPE.asdict(), op=op)
+    benchmark(timed)
+    inputs.params.zero_grad()
+
+
+class ShiftedIndices(Ours):
+    """Selects the neighbour of every latent: a wrong encoder."""
+
+    def encode(self, x):
+        values, indices = super().encode(x)
+        return values, (indices + 1) % self.p.W_enc.shape[0]
+
+
+class ScaledGradient(Ours):
+    """Right forward, backward 1.5x too large."""
+
+    def encode(self, x):
+        values, indices = super().encode(x)
+        return values.detach() + 1.5 * (values - values.detach()), indices
+
+
+class ScaledDecode(Dense):
+    def decode(self, f):
+        return 1.01 * super().decode(f)
+
+
+class DroppedBias(TorchSparse):
+    def encode(self, x):
+        return super().encode(x + self.p.b_dec.detach())  # forgets the input centering
+
+
+WRONG = [
+    ("encode", ShiftedIndices),
+    ("encode", DroppedBias),
+    ("encode_bwd", ScaledGradient),
+    ("decode", ScaledDecode),
+    ("decode_bwd", ScaledDecode),
+    ("step", ScaledGradient),
+    ("step", ScaledDecode),
+]
+
+
+@pytest.mark.parametrize("op, cls", [pytest.param(o, c, id=f"{o}-{c.__name__}") for o, c in WRONG])
+def test_wrong_provider_fails_its_check(inputs, op, cls):
+    with pytest.raises(CheckError):
+        build(op, cls, inputs)
+    inputs.params.zero_grad()
+
+
+@pytest.mark.parametrize("op", ["encode", "encode_bwd", "step"])
+@pytest.mark.parametrize("name", ["dense", "torch_sparse"])
+def test_bf16_baselines_pass_despite_rounding(op, name):
+    """bf16 GEMMs round z before the top-k, so near-ties change places: the check must allow that."""
+    shape = Shape(B=96, d=256, n=4096, k=32, dtype="bfloat16")
+    build(op, PROVIDERS[name], Inputs.make(shape, "cpu", seed=3))
+
+
+TINY = ["--device", "cpu", "--n", "256,512", "--d", "32", "--k", "4", "--batch", "64"]
+
+
+@pytest.fixture
+def fast_timing(monkeypatch):
+    monkeypatch.setattr(measure, "CPU_BUDGET_S", 0.0)
+    monkeypatch.setattr(measure, "CPU_MIN_REPS", 2)
+    monkeypatch.setattr(measure, "COPY_BYTES", {"cpu": 1 << 20, "cuda": 1 << 20})
+
+
+def test_cli_writes_json_markdown_and_plots(tmp_path, fast_timing, capsys):
+    assert main([*TINY, "--results-dir", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "cpu-quick.json").read_text())
+    for key in ("device", "versions", "git", "ceilings", "results", "notes"):
+        assert key in doc
+    assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
+    assert {"torch", "triton", "cuda"} <= set(doc["versions"]) and "commit" in doc["git"]
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {r["op"] for r in ok} == set(OPS)
+    for r in ok:
+        assert r["ms_q20"] <= r["ms"] <= r["ms_q80"] and r["tokens_per_s"] > 0
+    ours = next(r for r in ok if r["provider"] == "ours" and r["op"] == "step")
+    assert set(ours["speedup"]) >= {"dense", "torch_sparse"}
+    assert (tmp_path / "cpu-quick.md").read_text().startswith("# sae-kernels benchmark")
+    for name in ("speedup-vs-dense", "speedup-vs-torch-sparse", "peak-memory"):
+        assert (tmp_path / f"cpu-quick-{name}.png").stat().st_size > 10_000
+    out = capsys.readouterr()
+    assert "vs dense PyTorch" in out.out and "CPU quick suite" in out.err
+
+
+def test_cli_fails_loudly_on_a_wrong_provider(tmp_path, fast_timing, monkeypatch):
+    monkeypatch.setitem(PROVIDERS, "ours", ShiftedIndices)
+    with pytest.raises(CheckError, match="encode .* provider ours: row"):
+        main([*TINY, "--cases", "encode", "--providers", "ours,dense", "--results-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing was timed or written
