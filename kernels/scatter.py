@@ -61,18 +61,10 @@ def _scatter_rows_kernel(
             tl.store(sum_ptr + latent, tl.sum(coef_sum, axis=0).to(sum_ptr.dtype.element_ty))
 
 
-def buckets(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR over latents of the flat (b, j) slots: (order [B*K] int64, offsets [n + 1] int64). No host sync."""
-    flat = indices.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    bounds = torch.arange(n + 1, device=flat.device, dtype=sorted_ids.dtype)
-    return order, torch.searchsorted(sorted_ids, bounds)
-
-
 def scatter_rows_triton(coef, indices, X, n: int, with_sum: bool, out_dtype: torch.dtype):
     B, K = coef.shape
     D = X.shape[1]
-    order, offsets = buckets(indices, n)
+    order, offsets = torch_ops.buckets(indices, n)
     out = torch.empty(n, D, device=X.device, dtype=out_dtype)
     sums = torch.empty(n if with_sum else 1, device=X.device, dtype=out_dtype)
     cfg = tuning.config("scatter_rows", D=D)

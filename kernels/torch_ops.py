@@ -1,16 +1,19 @@
 """The "torch" backend: plain PyTorch, memory-bounded, same contract as the Triton kernels.
 
 Work is split into chunks of at most `budget` elements, so no temporary has B x n (or B x K x d)
-elements unless the whole problem is that small. Selection is exact: packed int64 keys
-(fp32 value bits << 32 | reversed column) order by value, then by lower latent id.
+elements unless the whole problem is that small. Selection is exact: values by torch.topk, and where equal
+values meet at the k-th place, packed int64 keys (fp32 value bits << 32 | reversed column) that order by
+value, then by lower latent id.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 KEY_LOW = 2**31 - 1  # columns are stored as KEY_LOW - col, so the lower id has the larger key
-BUDGET = 1 << 22  # elements per temporary
+BUDGET = 1 << 24  # elements per temporary
 
 
 def pack_keys(f: torch.Tensor, col0: int) -> torch.Tensor:
@@ -27,16 +30,12 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, indices
 
 
-def topk_select(x, W, b, k: int, budget: int = BUDGET):
-    """Chunked TopK(ReLU(x W^T + b)): fp32 products on column chunks, exact top-k merge per chunk.
-
-    x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
-    """
+def _topk_keys(x, W, b, k: int, budget: int):
+    """Exact TopK(ReLU(x W^T + b)) by packed keys, chunk by chunk -> (values fp32, indices int32)."""
     B, n = x.shape[0], W.shape[0]
     cols = max(1, min(n, budget))
     rows = max(1, min(B, budget // cols))
-    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(B, k, dtype=torch.int32, device=x.device)
+    out = []
     for r0 in range(0, B, rows):
         xr = x[r0 : r0 + rows].float()
         best = None
@@ -48,10 +47,48 @@ def topk_select(x, W, b, k: int, budget: int = BUDGET):
             if best is not None:
                 keys = torch.cat([best, keys], dim=1)
             best = keys.topk(min(k, keys.shape[1]), dim=1).values
-        v, i = unpack_keys(best)
-        values[r0 : r0 + rows] = v.to(x.dtype)
-        indices[r0 : r0 + rows] = i
-    return values, indices
+        out.append(best)
+    return unpack_keys(torch.cat(out))
+
+
+def topk_select(x, W, b, k: int, budget: int = BUDGET):
+    """Chunked TopK(ReLU(x W^T + b)): fp32 products on column chunks, a top-(k+1) merge per chunk.
+
+    torch.topk finds the exact top-k values but orders equal values arbitrarily. The (k+1)-th value
+    shows whether a row has a tie across the k-th place; only such rows (e.g. rows with fewer than k
+    positive entries) are redone with packed keys. Then slots are ordered by value, equal values by id.
+    x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
+    """
+    B, n = x.shape[0], W.shape[0]
+    kk = min(k + 1, n)
+    cols = max(1, min(n, budget))
+    rows = max(1, min(B, budget // cols))
+    values = torch.empty(B, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
+    tied = torch.empty(B, dtype=torch.bool, device=x.device)
+    for r0 in range(0, B, rows):
+        xr = x[r0 : r0 + rows].float()
+        best_v = best_i = None
+        for c0 in range(0, n, cols):
+            z = xr @ W[c0 : c0 + cols].float().T
+            if b is not None:
+                z += b[c0 : c0 + cols].float()
+            v, i = z.relu_().topk(min(kk, z.shape[1]), dim=1)
+            i += c0
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], dim=1).topk(kk, dim=1)
+                i = torch.cat([best_i, i], dim=1).gather(1, j)
+            best_v, best_i = v, i
+        values[r0 : r0 + rows] = best_v[:, :k]
+        indices[r0 : r0 + rows] = best_i[:, :k]
+        tied[r0 : r0 + rows] = best_v[:, k] == best_v[:, k - 1] if kk > k else False
+    redo = tied.nonzero().squeeze(1)
+    if redo.numel():
+        v, i = _topk_keys(x[redo], W, b, k, budget)
+        values[redo], indices[redo] = v, i.long()
+    indices, order = indices.sort(dim=1)  # equal values: lower id first (a stable sort by value next)
+    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return (values + 0.0).to(x.dtype), indices.gather(1, order).to(torch.int32)  # + 0.0: no -0.0
 
 
 def _row_chunk(K: int, d: int, budget: int) -> int:
@@ -60,6 +97,9 @@ def _row_chunk(K: int, d: int, budget: int) -> int:
 
 def gather_matmul(values, indices, W, bias, budget: int = BUDGET):
     """out[b] = bias + sum_j values[b, j] W[indices[b, j]], fp32 accumulation.  -> [B, d] W.dtype."""
+    if W.dtype == torch.float32:
+        out = torch.nn.functional.embedding_bag(indices.long(), W, per_sample_weights=values.float(), mode="sum")
+        return out if bias is None else out + bias
     B, K = values.shape
     d = W.shape[1]
     out = torch.empty(B, d, dtype=W.dtype, device=W.device)
@@ -84,21 +124,25 @@ def gather_dot(g, indices, W, budget: int = BUDGET):
     return out
 
 
-def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype, budget: int = BUDGET):
-    """dW[i] = sum_{indices[b,j]=i} coef[b,j] X[b]; dsum[i] = sum coef. index_add_ (sequential on CPU)."""
-    B, K = coef.shape
-    d = X.shape[1]
-    dW = torch.zeros(n, d, dtype=torch.float32, device=X.device)
-    dsum = torch.zeros(n, dtype=torch.float32, device=X.device)
-    step = _row_chunk(K, d, budget)
-    for r0 in range(0, B, step):
-        c = coef[r0 : r0 + step].float()
-        i = indices[r0 : r0 + step].long()
-        contrib = c.unsqueeze(2) * X[r0 : r0 + step].float().unsqueeze(1)  # [R, K, d]
-        dW.index_add_(0, i.reshape(-1), contrib.reshape(-1, d))
-        if with_sum:
-            dsum.index_add_(0, i.reshape(-1), c.reshape(-1))
-    return dW.to(out_dtype), dsum.to(out_dtype)
+def buckets(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR over latents of the flat (b, j) slots: (order [B*K] int64, offsets [n + 1] int64). No host sync."""
+    flat = indices.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(n + 1, device=flat.device, dtype=sorted_ids.dtype)
+    return order, torch.searchsorted(sorted_ids, bounds)
+
+
+def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype):
+    """dW[i] = sum_{indices[b,j]=i} coef[b,j] X[b]; dsum[i] = sum coef. A CSR [n, B] x [B, d] product."""
+    K = coef.shape[1]
+    order, offsets = buckets(indices, n)
+    coef = coef.reshape(-1)[order].float()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        C = torch.sparse_csr_tensor(offsets, order // K, coef, (n, X.shape[0]), check_invariants=False)
+        dW = (C @ X.float()).to(out_dtype)
+    dsum = torch.segment_reduce(coef, "sum", offsets=offsets) if with_sum else dW.new_empty(0)
+    return dW, dsum.to(out_dtype)
 
 
 RELU, JUMPRELU, GATED = 0, 1, 2  # threshold_select modes
