@@ -70,10 +70,12 @@ def topk_select(x, W, b, k: int, budget: int = BUDGET):
         xr = x[r0 : r0 + rows].float()
         best_v = best_i = None
         for c0 in range(0, n, cols):
-            z = xr @ W[c0 : c0 + cols].float().T
-            if b is not None:
-                z += b[c0 : c0 + cols].float()
-            v, i = z.relu_().topk(min(kk, z.shape[1]), dim=1)
+            Wc = W[c0 : c0 + cols].float().T
+            z = xr @ Wc if b is None else torch.addmm(b[c0 : c0 + cols].float(), xr, Wc)
+            # top-(k+1) of z, then ReLU: where fewer than k + 1 entries are positive, the zeros tie at
+            # the k-th place and the row is redone below, so which negatives were picked does not matter.
+            v, i = z.topk(min(kk, z.shape[1]), dim=1)
+            v.relu_()
             i += c0
             if best_v is not None:
                 v, j = torch.cat([best_v, v], dim=1).topk(kk, dim=1)
