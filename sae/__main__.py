@@ -1,0 +1,224 @@
+"""`python -m sae train` and `python -m sae harvest`.
+
+Options come from defaults, then a JSON config file (--config; keys are the option names with
+underscores), then the flags given. With no options, `train` fits a TopK SAE to synthetic activations with
+known features and reports how well it recovers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+
+import torch
+
+import sae
+
+from .trainer import TrainConfig, Trainer
+
+ARCHS = {
+    "topk": "TopKSAE",
+    "batchtopk": "BatchTopKSAE",
+    "jumprelu": "JumpReLUSAE",
+    "gated": "GatedSAE",
+    "relu": "ReLUSAE",
+    "matryoshka": "MatryoshkaSAE",
+    "ordered": "OrderedSAE",
+}
+
+TRAIN_DEFAULTS = {
+    "arch": "topk",
+    "d_sae": None,
+    "expansion": 4,
+    "k": 8,
+    "model_kwargs": {},
+    "data": "synthetic",
+    "batch_size": 1024,
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "synthetic_d": 32,
+    "synthetic_features": 128,
+    "synthetic_l0": 8.0,
+    "synthetic_correlation": 0.0,
+    "resume": False,
+    "buffer_tokens": 1 << 16,
+    **{f.name: f.default for f in dataclasses.fields(TrainConfig)},
+}
+TRAIN_DEFAULTS.update(steps=2000, lr=3e-3, out_dir="runs/sae", checkpoint_every=500)
+
+HARVEST_DEFAULTS = {
+    "model": None,
+    "module": None,
+    "text": None,
+    "out_dir": "activations",
+    "context": 128,
+    "batch_size": 8,
+    "max_tokens": 1 << 20,
+    "shard_tokens": 1 << 16,
+    "format": "safetensors",
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "dtype": "float32",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+NONE_DEFAULT_TYPES = {"d_sae": int, "sparsity_warmup_steps": int, "p_end": float}
+
+
+def _add_options(parser: argparse.ArgumentParser, defaults: dict, helps: dict) -> None:
+    """One --flag per option; its type follows the default's (JSON for dicts and tuples)."""
+    parser.add_argument("--config", help="JSON file of options (flags override it)")
+    for name, default in defaults.items():
+        if isinstance(default, bool):
+            kind = _bool
+        elif isinstance(default, (dict, tuple, list)):
+            kind = json.loads
+        elif isinstance(default, (int, float)):
+            kind = type(default)
+        else:
+            kind = NONE_DEFAULT_TYPES.get(name)
+        flag = "--" + name.replace("_", "-")
+        text = f"{helps.get(name, '')} (default: {default!r})".strip()
+        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+def _options(args: argparse.Namespace, defaults: dict) -> dict:
+    opts = dict(defaults)
+    if getattr(args, "config", None):
+        with open(args.config, encoding="utf-8") as f:
+            config = json.load(f)
+        unknown = sorted(set(config) - set(defaults))
+        if unknown:
+            raise SystemExit(f"error: unknown options in {args.config}: {unknown}")
+        opts.update(config)
+    opts.update({k: v for k, v in vars(args).items() if k in defaults})
+    return opts
+
+
+TRAIN_HELP = {
+    "arch": f"architecture: {', '.join(ARCHS)}",
+    "d_sae": "number of latents (default: expansion * d_in)",
+    "k": "active latents per token (TopK-family architectures)",
+    "model_kwargs": "extra constructor arguments as JSON, e.g. '{\"l1_coeff\": 5.0}'",
+    "data": "'synthetic' or a folder of .npy / .safetensors activation shards",
+    "resume": "continue from the latest checkpoint in out_dir",
+}
+
+
+def build_model(opts: dict, d_in: int) -> torch.nn.Module:
+    arch = opts["arch"]
+    if arch not in ARCHS:
+        raise SystemExit(f"error: --arch {arch!r}: expected one of {sorted(ARCHS)}")
+    cls = getattr(sae, ARCHS[arch], None)
+    if cls is None:
+        raise SystemExit(f"error: --arch {arch!r}: sae.{ARCHS[arch]} is not available in this version")
+    d_sae = opts["d_sae"] or opts["expansion"] * d_in
+    kwargs = dict(opts["model_kwargs"])
+    if "k" in inspect.signature(cls).parameters:
+        kwargs.setdefault("k", opts["k"])
+    return cls(d_in, d_sae, device=opts["device"], **kwargs)
+
+
+def train(opts: dict) -> dict:
+    from .data import ShardSource
+    from .synthetic import SyntheticActivations, SyntheticSource, feature_recovery
+
+    eval_fn = None
+    if opts["data"] == "synthetic":
+        gen = SyntheticActivations(
+            opts["synthetic_d"],
+            opts["synthetic_features"],
+            opts["synthetic_l0"],
+            correlation=opts["synthetic_correlation"],
+            seed=opts["seed"],
+        )
+        source = SyntheticSource(gen, opts["batch_size"], seed=opts["seed"])
+        eval_fn = lambda m: {"recovery": feature_recovery(m.W_dec, gen.features)}
+    else:
+        source = ShardSource(opts["data"], opts["batch_size"], buffer_tokens=opts["buffer_tokens"], seed=opts["seed"])
+    torch.manual_seed(opts["seed"])
+    model = build_model(opts, source.d_in)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in opts.items() if k in fields})
+    summary = Trainer(model, source, config, eval_fn=eval_fn).fit(resume=opts["resume"])
+    e = summary["eval"]
+    print(
+        f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
+        f"({summary['tokens_per_s'] / 1e3:.1f}k tokens/s)\n"
+        f"  L0 {e['l0']:.2f}  FVU {e['fvu']:.4f}  explained variance {e['explained_variance']:.4f}  "
+        f"dead {100 * e['dead_fraction']:.1f}%  c_dec {e['c_dec']:.4f}"
+        + (f"\n  feature recovery (mean max |cos|) {e['recovery']:.4f}" if "recovery" in e else "")
+        + (f"\n  saved {summary['export']}" if "export" in summary else "")
+    )
+    return summary
+
+
+def _texts(path: str):
+    """Lines of a .txt file, or the "text" field of each line of a .jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"] if path.endswith(".jsonl") else line.rstrip("\n")
+
+
+def harvest(opts: dict) -> list:
+    from .harvest import Harvester, harvest_to_shards, token_batches
+
+    for name in ("model", "module", "text"):
+        if not opts[name]:
+            raise SystemExit(f"error: harvest needs --{name}")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise SystemExit("error: harvesting from a named model needs the `transformers` package") from e
+    dtype = getattr(torch, opts["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(opts["model"])
+    model = AutoModel.from_pretrained(opts["model"], torch_dtype=dtype).to(opts["device"])
+    harvester = Harvester(model, opts["module"], dtype=dtype)
+    batches = token_batches(_texts(opts["text"]), tokenizer, context=opts["context"], batch_size=opts["batch_size"])
+    paths = harvest_to_shards(
+        harvester,
+        batches,
+        opts["out_dir"],
+        shard_tokens=opts["shard_tokens"],
+        max_tokens=opts["max_tokens"],
+        suffix="." + opts["format"],
+    )
+    print(f"wrote {len(paths)} shards to {opts['out_dir']}")
+    return paths
+
+
+HARVEST_HELP = {
+    "model": "Hugging Face model name or local path",
+    "module": "dotted module name to hook, e.g. 'layers.6' (see model.named_modules())",
+    "text": "a .txt file (one document per line) or .jsonl file (a 'text' field per line)",
+    "format": "shard format: safetensors or npy",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train an SAE", description="Train an SAE (sae.Trainer).")
+    _add_options(p_train, TRAIN_DEFAULTS, TRAIN_HELP)
+    p_harvest = sub.add_parser("harvest", help="write activation shards from a model over text")
+    _add_options(p_harvest, HARVEST_DEFAULTS, HARVEST_HELP)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        train(_options(args, TRAIN_DEFAULTS))
+    else:
+        harvest(_options(args, HARVEST_DEFAULTS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Activation sources: an in-memory tensor, and folders of .npy / .safetensors shards read through memory maps.
+
+A source yields [batch_size, d_in] batches without end (epochs wrap around, reshuffled), draws a sample
+for statistics without moving its position, and saves its position as a small dict, so a resumed run reads
+exactly the batches the interrupted one would have read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARD_SUFFIXES = (".npy", ".safetensors")
+
+
+class Source:
+    """Base of the activation sources: `next_batch()` -> [batch_size, d_in]; `sample(n)` -> [n, d_in]."""
+
+    d_in: int
+    batch_size: int
+
+    def next_batch(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n rows for statistics (normalisation, b_dec init, evaluation); the position does not move."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+def _perm(n: int, *seeds: int) -> torch.Tensor:
+    """A permutation of range(n) fixed by the integers `seeds`."""
+    seed = 0
+    for s in seeds:
+        seed = (seed * 1_000_003 + s) % (2**61)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)
+
+
+class TensorSource(Source):
+    """Batches of rows of an in-memory tensor acts [N, d_in], reshuffled every epoch (seeded)."""
+
+    def __init__(self, acts: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+        if acts.dim() != 2 or acts.shape[0] == 0:
+            raise ValueError(f"acts must be a non-empty [N, d_in] tensor, got shape {tuple(acts.shape)}")
+        if not 0 < batch_size:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.acts, self.batch_size, self.shuffle, self.seed = acts, batch_size, shuffle, seed
+        self.d_in = acts.shape[1]
+        self.epoch, self.pos = 0, 0
+        self._order = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            N = self.acts.shape[0]
+            self._order = _perm(N, self.seed, self.epoch) if self.shuffle else torch.arange(N)
+        return self._order
+
+    def next_batch(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            order = self._epoch_order()
+            take = order[self.pos : self.pos + need]
+            parts.append(self.acts[take.to(self.acts.device)])
+            need -= take.numel()
+            self.pos += take.numel()
+            if self.pos == order.numel():
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def sample(self, n: int) -> torch.Tensor:
+        idx = _perm(self.acts.shape[0], self.seed, -1)[:n]
+        return self.acts[idx.to(self.acts.device)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+
+
+# Shards ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _open_safetensors(path: Path) -> tuple[np.memmap, bool]:
+    """Memory-map the activations of a .safetensors file: its tensor named "activations", else its only
+    tensor. Returns ([N, d] memmap, is_bf16)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    name = "activations" if "activations" in header else next(iter(header)) if len(header) == 1 else None
+    if name is None:
+        raise ValueError(f"{path}: expected a tensor named 'activations' or a single tensor, got {sorted(header)}")
+    info = header[name]
+    if info["dtype"] not in _ST_DTYPES:
+        raise ValueError(f"{path}: dtype {info['dtype']} is not one of {sorted(_ST_DTYPES)}")
+    start, _ = info["data_offsets"]
+    dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+    arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=shape)
+    return arr, info["dtype"] == "BF16"
+
+
+def open_shard(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """A shard as a read-only memory map [N, d] (and whether its raw uint16 words are bf16)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        arr, bf16 = np.load(path, mmap_mode="r"), False
+    elif path.suffix == ".safetensors":
+        arr, bf16 = _open_safetensors(path)
+    else:
+        raise ValueError(f"{path}: unknown shard format (expected one of {SHARD_SUFFIXES})")
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: shard must be 2-D [tokens, d_in], got shape {arr.shape}")
+    return arr, bf16
+
+
+def _to_torch(rows: np.ndarray, bf16: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.array(rows))  # a copy: memory maps are read-only
+    return t.view(torch.bfloat16) if bf16 else t
+
+
+def write_shard(path: str | os.PathLike, acts: torch.Tensor) -> Path:
+    """Write acts [N, d] as one .npy or .safetensors shard (by suffix), atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    acts = acts.detach().cpu().contiguous()
+    if path.suffix == ".npy":
+        if acts.dtype == torch.bfloat16:
+            raise ValueError(".npy cannot hold bf16: use .safetensors or convert to float32")
+        with open(tmp, "wb") as f:
+            np.save(f, acts.numpy())
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"activations": acts}, str(tmp))
+    else:
+        raise ValueError(f"{path}: unknown shard format (expected one of {SHARD_SUFFIXES})")
+    os.replace(tmp, path)
+    return path
+
+
+class ShardSource(Source):
+    """Batches from a folder of shards [N_s, d_in] (.npy or .safetensors), read through memory maps.
+
+    Each epoch cuts the shards into chunks of `chunk_tokens` rows, shuffles the chunks over all shards, and
+    reads them `buffer_tokens` at a time into a shuffle buffer whose rows are permuted before they are
+    served. Every permutation is seeded by (seed, epoch[, window]), so the position is two integers.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        batch_size: int,
+        *,
+        buffer_tokens: int = 1 << 16,
+        chunk_tokens: int = 1024,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.paths = sorted(p for p in Path(folder).iterdir() if p.suffix in SHARD_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"folder={str(folder)!r} holds no {' or '.join(SHARD_SUFFIXES)} shards")
+        self.shards = [open_shard(p) for p in self.paths]
+        dims = {a.shape[1] for a, _ in self.shards}
+        if len(dims) != 1:
+            raise ValueError(f"shards in {folder} disagree on d_in: {sorted(dims)}")
+        self.d_in = dims.pop()
+        self.batch_size, self.seed, self.dtype = batch_size, seed, dtype
+        self.chunks = [  # (shard, first row, end row)
+            (s, a, min(a + chunk_tokens, arr.shape[0]))
+            for s, (arr, _) in enumerate(self.shards)
+            for a in range(0, arr.shape[0], chunk_tokens)
+        ]
+        self.tokens = sum(arr.shape[0] for arr, _ in self.shards)
+        self.per_window = max(1, buffer_tokens // chunk_tokens)
+        self.epoch, self.pos = 0, 0
+        self._window = None  # (epoch, first stream row, rows)
+
+    def _window_at(self, epoch: int, pos: int) -> tuple[int, torch.Tensor]:
+        """The shuffle buffer holding stream row `pos` of `epoch`: (its first row, its rows)."""
+        order = _perm(len(self.chunks), self.seed, epoch).tolist()
+        start = 0
+        for w in range(0, len(order), self.per_window):
+            ids = order[w : w + self.per_window]
+            rows = sum(self.chunks[c][2] - self.chunks[c][1] for c in ids)
+            if pos < start + rows:
+                parts = []
+                for c in ids:
+                    s, a, b = self.chunks[c]
+                    arr, bf16 = self.shards[s]
+                    parts.append(_to_torch(arr[a:b], bf16).to(self.dtype))
+                buf = torch.cat(parts)
+                return start, buf[_perm(buf.shape[0], self.seed, epoch, w)]
+            start += rows
+        raise IndexError(f"row {pos} is past the end of epoch {epoch}")
+
+    def next_batch(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            w = self._window
+            if w is None or w[0] != self.epoch or not w[1] <= self.pos < w[1] + w[2].shape[0]:
+                w = self._window = (self.epoch, *self._window_at(self.epoch, self.pos))
+            take = w[2][self.pos - w[1] : self.pos - w[1] + need]
+            parts.append(take)
+            need -= take.shape[0]
+            self.pos += take.shape[0]
+            if self.pos == self.tokens:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def sample(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + 7919)
+        rows = torch.randint(self.tokens, (min(n, self.tokens),), generator=g).sort().values
+        bounds = np.cumsum([0] + [arr.shape[0] for arr, _ in self.shards])
+        out = []
+        for s, (arr, bf16) in enumerate(self.shards):
+            local = rows[(rows >= int(bounds[s])) & (rows < int(bounds[s + 1]))] - int(bounds[s])
+            if local.numel():
+                out.append(_to_torch(arr[local.numpy()], bf16).to(self.dtype))
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._window = state["epoch"], state["pos"], None
