@@ -116,6 +116,10 @@ class SAE(nn.Module):
             scale = 1 / self.act_scale if scale is None else scale / self.act_scale
         return xn, (scale, shift)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., d_in] -> [B, d_in]: the rows the encoder sees (normalised, scaled by act_scale)."""
+        return self._normalize(self._rows(x))[0]
+
     @staticmethod
     def _denormalize(y: torch.Tensor, state: tuple) -> torch.Tensor:
         scale, shift = state
@@ -145,7 +149,7 @@ class SAE(nn.Module):
 
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
         """x: [..., d_in] -> SparseCode with [B, K] values and indices (of the normalised input)."""
-        return self._encode(self._normalize(self._rows(x))[0])
+        return self._encode(self.normalize(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense activations [..., d_sae] (for compatibility; allocates B x d_sae)."""
@@ -182,11 +186,11 @@ class SAE(nn.Module):
     def loss(
         self, x: torch.Tensor, *, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """{"loss" (the total to backprop), "mse", "fvu", "l0", and the architecture's parts}.
+        """{"loss" (the total to backprop), "mse", "fvu", "l0", the architecture's parts, and "code"}.
 
         x: [..., d_in]; target: [..., d_out] (transcoders; default x); dead_mask: [d_sae] bool (AuxK).
         mse = mean over tokens of ||y - y_hat||^2 and fvu = its sum over sum ||y - mean(y)||^2, both in
-        the normalised space.
+        the normalised space; "code" is the step's SparseCode [B, K] (values detached).
         """
         xn, state = self._normalize(self._rows(x))
         if target is None:
@@ -206,6 +210,7 @@ class SAE(nn.Module):
             "l0": (code.values != 0).sum(-1).float().mean(),
         }
         self._add_losses(parts, xn=xn, y=y, code=code, info=info, y_hat=y_hat, dead_mask=dead_mask)
+        parts["code"] = SparseCode(code.values.detach(), code.indices)  # for firing statistics
         return parts
 
     @staticmethod

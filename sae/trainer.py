@@ -10,7 +10,6 @@ no [B, d_sae] tensor is formed on the TopK / BatchTopK / JumpReLU path).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -83,28 +82,6 @@ def _sync_state(src, dst) -> None:
         b_dst.copy_(b_src)
     for k, v in _numeric_attrs(src).items():
         setattr(dst, k, v)
-
-
-def _code_of(obj):
-    """The SparseCode inside an encoder's result (JumpReLUCode / GatedCode carry it as .code)."""
-    return getattr(obj, "code", obj)
-
-
-@contextlib.contextmanager
-def _capture_code(model, store: list):
-    """Record the first code `model.decode` receives while the block runs (the step's SparseCode)."""
-    decode = model.decode
-
-    def recording(code, *args, **kwargs):
-        if not store:
-            store.append(_code_of(code))
-        return decode(code, *args, **kwargs)
-
-    model.decode = recording
-    try:
-        yield
-    finally:
-        del model.decode
 
 
 class Trainer:
@@ -195,9 +172,9 @@ class Trainer:
         sample = self.source.sample(cfg.stats_tokens).to(self.device, model.dtype)
         if cfg.normalize:
             model.act_scale = 1.0
-            xn = model._normalize(model._rows(sample))[0].float()
+            xn = model.normalize(sample).float()
             model.act_scale = math.sqrt(model.d_in) / xn.norm(dim=1).mean().clamp_min(1e-12).item()
-        xn = model._normalize(model._rows(sample))[0].float()
+        xn = model.normalize(sample).float()
         if cfg.init_b_dec != "zero":
             center = metrics.geometric_median(xn) if cfg.init_b_dec == "geometric_median" else xn.mean(0)
             model.b_dec.copy_(center.to(model.b_dec.dtype))
@@ -215,9 +192,8 @@ class Trainer:
                     w.copy_(m)
             _sync_state(model, work)
             x = x.to(torch.bfloat16)
-        captured = []
-        with _capture_code(work, captured):
-            parts = work.loss(x, dead_mask=self.since_fired >= cfg.dead_tokens)
+        parts = work.loss(x, dead_mask=self.since_fired >= cfg.dead_tokens)
+        code = parts.pop("code")
         parts["loss"].backward()
         if work is not model:
             for w, m in zip(work.parameters(), model.parameters()):
@@ -237,10 +213,6 @@ class Trainer:
         if cfg.unit_norm_decoder:
             with torch.no_grad():
                 W.div_(W.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(W.dtype))
-        code = captured[0] if captured else None
-        if code is None:  # a class that decodes without model.decode: encode again (no grad) to track firing
-            with torch.no_grad():
-                code = _code_of(work.encode_sparse(x))
         with torch.no_grad():
             self.since_fired += x.shape[0]
             self.since_fired[code.indices[code.values != 0].long()] = 0
