@@ -26,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_ops, tuning, validate
+from . import torch_ops, validate
 from .backend import INTERPRET, resolve
 from .code import SparseCode
+from .gemm import precision, split_plan, tile_xwT
 from .scatter import scatter_rows_op
 from .sparse_decode import gather_matmul
-from .topk_encode import _num_sms, _precision
 from .torch_ops import GATED, JUMPRELU, RELU
 
 DEFAULT_CAPACITY = 64  # first guess when the caller fixes none; later calls start from the last need
@@ -75,29 +75,14 @@ def _threshold_encode_kernel(
     rows64 = rows.to(tl.int64)
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
-    ks = tl.arange(0, BLOCK_K)
     for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < col_hi
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + ks
-            k_mask = kk < D
-            a = tl.load(
-                x_ptr + rows64[:, None] * stride_x + kk[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + cols64[:, None] * stride_w + kk[None, :],
-                mask=col_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:  # the interpreter computes low-precision products wrongly
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tile_xwT(
+            x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, D, stride_x, stride_w,
+            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
         z = acc
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -132,27 +117,12 @@ def _threshold_encode_kernel(
                 tl.store(gate_ptr + off, z.to(gate_ptr.dtype.element_ty), mask=store)
 
 
-def plan(B: int, n: int, d: int, device: torch.device) -> dict:
-    """Tile sizes and the number of column splits S, chosen so that the grid fills the SMs."""
-    cfg = dict(tuning.config("threshold_encode", D=d))
-    row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    if device.type == "cuda":
-        target = cfg["waves"] * _num_sms(device.index if device.index is not None else 0)
-    else:
-        target = cfg["programs"]
-    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
-    cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
-    cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
-    return cfg
-
-
 def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int):
     """The fused kernel, then a sort of each row's slots by latent id. Same contract as
     torch_ops.threshold_select."""
     B, D = x.shape
     N = W.shape[0]
-    cfg = plan(B, N, D, x.device)
+    cfg = split_plan("threshold_encode", B, N, x.device, D=D)
     values = torch.empty(B, capacity, device=x.device, dtype=x.dtype)
     gate = torch.empty_like(values) if mode == GATED else values
     aux = torch.empty(B, capacity, device=x.device, dtype=torch.float32)
@@ -165,7 +135,7 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
         values, gate, aux, indices, counts, B, N, D, capacity, cfg["cols_per_split"],
         x.stride(0), W.stride(0), half_band,
         MODE=mode, HAS_BIAS=b is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
+        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     filled = torch.arange(capacity, device=x.device) < counts[:, None]

@@ -14,15 +14,14 @@ k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_selec
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from . import torch_ops, tuning, validate
+from . import torch_ops, validate
 from .backend import INTERPRET, resolve
 from .code import SparseCode
+from .gemm import precision, split_plan, tile_xwT
 from .scatter import scatter_rows_op
 from .sparse_decode import gather_matmul
 
@@ -64,7 +63,6 @@ def _topk_encode_kernel(
     rows64 = rows.to(tl.int64)
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
-    ks = tl.arange(0, BLOCK_K)
     tile_cols = tl.arange(0, BLOCK_N)
     # Distinct negative sentinels: below every real key, and each slot is replaced exactly once.
     best = tl.zeros([BLOCK_M, KP], dtype=tl.int64) - 1 - tl.arange(0, KP)[None, :]
@@ -72,24 +70,10 @@ def _topk_encode_kernel(
         cols = n0 + tile_cols
         col_mask = cols < col_hi
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + ks
-            k_mask = kk < D
-            a = tl.load(
-                x_ptr + rows64[:, None] * stride_x + kk[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + cols64[:, None] * stride_w + kk[None, :],
-                mask=col_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:  # the interpreter computes low-precision products wrongly
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tile_xwT(
+            x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, D, stride_x, stride_w,
+            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         # Insert the tile's entries that beat a row's running KP-th key, largest first. After the first
@@ -110,32 +94,10 @@ def _topk_encode_kernel(
     tl.store(out, best, mask=row_mask[:, None])
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def plan(B: int, n: int, d: int, k: int, device: torch.device) -> dict:
-    """Tile sizes and the number of column splits S, chosen so that the grid fills the SMs."""
+    """Tile sizes, KP (k rounded up to a power of two) and the column split."""
     KP = max(4, triton.next_power_of_2(k))
-    cfg = dict(tuning.config("topk_encode", KP=KP, D=d))
-    cfg["KP"] = KP
-    row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    if device.type == "cuda":
-        target = cfg["waves"] * _num_sms(device.index if device.index is not None else 0)
-    else:
-        target = cfg["programs"]
-    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
-    cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
-    cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
-    return cfg
+    return split_plan("topk_encode", B, n, device, KP=KP, D=d) | {"KP": KP}
 
 
 def topk_select_triton(x, W, b, k: int):
@@ -149,7 +111,7 @@ def topk_select_triton(x, W, b, k: int):
         x, W, b if b is not None else W, cand, B, N, D, cfg["cols_per_split"],
         x.stride(0), W.stride(0), cand.stride(0), cand.stride(1),
         HAS_BIAS=b is not None, KP=KP, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
+        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     keys = cand.view(B, S * KP).topk(k, dim=1).values  # stage 2, sorted

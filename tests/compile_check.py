@@ -38,8 +38,9 @@ def gpu_configs(op):
 
 def cases():
     """(label, kernel, signature, constexprs, options) for every kernel x dtype x config."""
-    for (dt, ptr), cfg, bias in itertools.product(DTYPES.items(), gpu_configs("topk_encode"), (True,)):
-        kp = min(cfg.get("when", {}).get("KP_max", topk_encode.MAX_FUSED_KP), topk_encode.MAX_FUSED_KP)
+    for (dt, ptr), kp in itertools.product(DTYPES.items(), (32, 64, 128, 256)):
+        cfg = next(c for c in gpu_configs("topk_encode") if tuning._fits(c.get("when", {}), {"KP": kp, "D": 4096}))
+        bias = True
         sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "cand_ptr": "*i64"}
         sig |= dict.fromkeys(["B", "N", "D", "cols_per_split", "stride_x", "stride_w", "stride_cb", "stride_cs"], "i32")
         const = {"HAS_BIAS": bias, "KP": kp, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
