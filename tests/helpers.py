@@ -1,6 +1,7 @@
 """Comparisons against the float64 reference (DESIGN section 6)."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -42,3 +43,18 @@ def assert_topk(code, f_ref: torch.Tensor, k: int, dtype):
     gap_next = padded[:, 1:-1] - padded[:, 2:]
     clear = (gap_prev > scale) & (gap_next > scale)
     assert torch.equal(indices[clear], ref_idx[clear]), "ids differ where the reference has no near-tie"
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numels.append((t.numel(), str(func)))
+        return out

@@ -3,8 +3,7 @@
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
-from helpers import TOL, assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import TOL, AllocationRecorder, assert_close
 
 import kernels
 from kernels import reference as R
@@ -412,21 +411,6 @@ def test_torch_backend_chunking_is_invisible(mode):
     chunked = torch_ops.threshold_select(mode, x, W, *params, 0.25, n, budget=32)
     for a, c in zip(whole, chunked, strict=True):  # matmul blocking may round differently
         assert torch.equal(a, c) if not a.is_floating_point() else torch.allclose(a, c, rtol=1e-6, atol=1e-6)
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the size of every tensor an op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numels.append((t.numel(), str(func)))
-        return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

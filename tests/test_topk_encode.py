@@ -1,8 +1,7 @@
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
-from helpers import TOL, assert_close, assert_topk
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import TOL, AllocationRecorder, assert_close, assert_topk
 
 import kernels
 from kernels import reference as R
@@ -118,21 +117,6 @@ def test_backward_is_deterministic(backend):
     untouched = torch.ones(W.shape[0], dtype=torch.bool)
     untouched[code.indices.long().flatten().cpu()] = False
     assert (runs[0][untouched.to(DEVICE)] == 0).all(), "rows of latents never selected must be zero"
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numels.append((t.numel(), str(func)))
-        return out
 
 
 @pytest.mark.parametrize(
