@@ -99,18 +99,19 @@ def ptxas_usage(ptx: str) -> str:
 
 def main() -> int:
     print(f"triton {triton.__version__}, target {TARGET}")
-    failed = 0
+    passed = failed = 0
     for label, fn, sig, const, opts in cases():
         t0 = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET, options=opts)
             usage = ptxas_usage(compiled.asm["ptx"])
             status = f"ok   {time.perf_counter() - t0:5.1f}s  smem {compiled.metadata.shared} B  {usage}"
+            passed += 1
         except Exception as e:  # report every failing kernel, not only the first
             failed += 1
             status = f"FAIL {type(e).__name__}: {' | '.join(str(e).splitlines()[:8])[:600]}"
         print(f"{label:50s} {status}", flush=True)
-    print(f"{failed} failed")
+    print(f"compile-check: {passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
