@@ -1,9 +1,11 @@
-"""`python -m bench`: measure every op and a TopK SAE training step against the baselines on this device.
+"""`python -m bench`: measure every op and each SAE's training step and forward against the baselines.
 
 Examples:
   python -m bench                              # the quick suite on CUDA if present, else on the CPU
   python -m bench --full --device cuda         # the whole sweep of DESIGN section 7
   python -m bench --cases 'encode*,step' --n 16384,65536 --providers ours,dense
+  python -m bench --cases 'jumprelu_*,forward_*'   # one threshold family, and every class's model(x)
+  python -m bench --cases largest_n --device cuda  # the largest n that trains at d = 4096
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import report
-from .cases import CHECK_ROWS, DTYPES, GPU_REFERENCE, OPS, select_ops, suite_shapes
-from .providers import PROVIDERS
+from .cases import CHECK_ROWS, DTYPES, GPU_REFERENCE, LARGEST_N, OPS, family_shapes, select_ops, suite_shapes
+from .providers import PROVIDERS, providers_named
 from .suite import Run, execute
 
 
@@ -34,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     choose("quick", "the quick suite (the default)")
     choose("full", "the whole sweep")
-    ap.add_argument("--cases", help=f"comma-separated op name patterns, from: {', '.join(OPS)}")
+    ap.add_argument("--cases", help=f"comma-separated case name patterns, from: {', '.join([*OPS, LARGEST_N])}")
     ap.add_argument("--providers", help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
     ap.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -60,7 +62,9 @@ def main(argv=None) -> int:
         return 2
     overrides = {"n": args.n, "d": args.d, "k": args.k, "B": args.batch}
     shapes = suite_shapes(args.suite, device, args.dtype, overrides)
-    run = Run(args.suite, device, shapes, select_ops(args.cases), [])
+    chosen = select_ops(args.cases)
+    ops = [op for op in chosen if op in OPS]
+    run = Run(args.suite, device, shapes, ops, [], family_shapes(args.suite, device, shapes), LARGEST_N in chosen)
     for name in names:
         reason = PROVIDERS[name].unavailable()
         if name == "chunked" and device == "cpu" and not args.providers:
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         if reason:
             run.note(f"provider {name} skipped: {reason}")
         else:
-            run.providers.append(PROVIDERS[name])
+            run.providers += providers_named([name])
     if device == "cpu" and args.suite == "quick":
         axis = lambda a: ", ".join(str(v) for v in sorted({getattr(s, a) for s in shapes}))
         run.note(
@@ -76,6 +80,11 @@ def main(argv=None) -> int:
             f"n in {axis('n')}: shapes that fit the CPU time budget, "
             f"not the GPU reference shape ({GPU_REFERENCE.label()})"
         )
+    if args.suite == "quick" and any(OPS[op].group != "topk" for op in ops):
+        labels = ", ".join(s.label() for s in run.family_shapes)
+        run.note(f"quick suite: the threshold families (encode, step) and every class's forward at {labels} only")
+    if any(OPS[op].group != "topk" for op in ops):
+        run.note("threshold families: thresholds and biases set so that about k latents fire per row (L0 ~ k)")
     if device == "cpu":
         run.note("CPU: 'ours' runs the kernels' torch backend (chunked PyTorch), as kernels does on CPU tensors")
     run.note(f"every provider is checked against the float64 reference on {CHECK_ROWS} rows before timing")

@@ -13,10 +13,19 @@ no latent is chosen twice, its values match the reference at the chosen latents,
 match the reference's top-k values. Gradients are then compared with the reference's gradients for that
 provider's own selection.
 
-Adding an activation family (e.g. JumpReLU once `kernels.jumprelu_encode` lands): its providers in
-providers.py, an `Op` per benchmarked op here ("jumprelu_encode", "jumprelu_step", ...) whose check uses its
-own reference activation and selection rule (entries above the threshold instead of the top k), registered
-in OPS only when the kernel exists (`hasattr(kernels, "jumprelu_encode")`). Decode ops are shared.
+Threshold families (ReLU, JumpReLU, gated, BatchTopK; ops "<family>_encode", "<family>_step") and the
+inference forwards of every `sae` class ("forward_<class>") are checked by their selection rule: a latent
+is selected where its score is above 0 (ReLU: z; JumpReLU: z - theta; gated: pi_g; BatchTopK: ReLU(z) minus
+the (R k)-th largest of the R checked rows, which the provider encodes as one batch; inference forwards of
+BatchTopK, Matryoshka and Ordered: z - q, the global threshold). Sets are compared as [R, n] masks, so slot
+order never matters: every selected latent must score above -slack, every latent scoring above +slack must
+be selected (slack = SELECT_TOL x the row's largest |pre-activation|), and the values at the selected latents
+must match. Gradients and x_hat are compared with the reference for the provider's own selection. JumpReLU's
+threshold gradient (entries inside the band |z - theta| < eps / 2) is checked as an interval: an entry within
+rounding (EDGE_TOL) of a band edge may count or not.
+
+Adding an activation family: its providers in providers.py (see its docstring), its reference in
+`family_ref`, and an `Op` per benchmarked op in `_family_ops`. Decode ops are shared.
 """
 
 from __future__ import annotations
@@ -24,19 +33,21 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 import kernels
 from kernels import SparseCode, reference
 
-from .providers import Params, Provider
+from .providers import BANDWIDTH, SPARSITY_COEFF, FamilyParams, Params, Provider
 
 CHECK_ROWS = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VALUE_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}  # relative error ||a - b|| / ||b||
 STEP_TOL = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}  # a step chains several roundings
 SELECT_TOL = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 1.6e-2}  # a few roundings of z
+EDGE_TOL = {**SELECT_TOL, "float32": 1e-5}  # z's rounding near a JumpReLU band edge (fp32: GEMM accumulation)
 
 
 class CheckError(AssertionError):
@@ -72,11 +83,13 @@ class Inputs:
 
     x: [B, d]; code: SparseCode [B, k] (the fused encoder's output for x, the decode ops' input);
     g_out: [B, d] (the decode backward's upstream gradient); rows: [R] the checked rows; touched: the
-    number of distinct latents in `code` (rows of W a sparse op must read).
+    number of distinct latents in `code` (rows of W a sparse op must read); fam: the threshold families'
+    parameters, calibrated on the checked rows.
     """
 
     shape: Shape
     params: Params
+    fam: FamilyParams
     x: torch.Tensor
     code: SparseCode
     g_out: torch.Tensor
@@ -94,12 +107,17 @@ class Inputs:
             code = kernels.topk_encode(x, params.W_enc, params.b_enc, shape.k, b_dec=params.b_dec)
         rows = torch.linspace(0, shape.B - 1, min(shape.B, CHECK_ROWS), device=device).round().long().unique()
         touched = int(torch.unique(code.indices).numel())
-        return cls(shape, params, x, code, g_out, rows, touched)
+        fam = FamilyParams.calibrate(params, x[rows], seed)
+        return cls(shape, params, fam, x, code, g_out, rows, touched)
 
     def nbytes(self) -> int:
         """Bytes of the tensors every provider of this shape shares (weights and inputs)."""
-        shared = [*self.params.tensors(), self.x, *self.code, self.g_out]
+        shared = [*self.params.tensors(), *self.fam.tensors(), self.x, *self.code, self.g_out]
         return sum(t.numel() * t.element_size() for t in shared)
+
+    def zero_grad(self) -> None:
+        self.params.zero_grad()
+        self.fam.zero_grad()
 
 
 # ---- float64 reference, restricted to the latents a selection touches ----------------------------------
@@ -301,6 +319,186 @@ def check_step(P: Provider, I: Inputs, where: str) -> None:
             expect_rows_close(where, f"grad {name}", got, want, touched, tol)
 
 
+# ---- threshold families and forwards ---------------------------------------------------------------
+
+
+def family_ref(family: str, L: dict, x64: torch.Tensor, q: float) -> dict:
+    """The float64 reference of a family on the latents whose per-latent tensors L holds ([U] rows).
+
+    L: the provider's named tensors in float64 (b_dec [d]); x64: [R, d]. Returns [R, U] tensors: "score"
+    (selected where > 0; BatchTopK: ReLU(z), its global cut comes later), "value" (f where selected),
+    "pre" (u = (x - b_dec) W_enc^T: a low-precision GEMM rounds relative to its magnitude), and for gated
+    "gate" (ReLU(pi_g) where selected) and "score_f" (where f itself is nonzero: pi_g > 0 and pi_m > 0).
+    """
+    u = (x64 - L["b_dec"]) @ L["W_enc"].T
+    if family == "gated":
+        pi_g = u + L["b_gate"]
+        pi_m = torch.exp(L["r_mag"]) * u + L["b_mag"]
+        return {
+            "score": pi_g,
+            "value": torch.relu(pi_m),
+            "pre": u,
+            "gate": pi_g,
+            "score_f": torch.minimum(pi_g, pi_m),
+        }
+    z = u + L["b_enc"]
+    score = {"jumprelu": lambda: z - L["threshold"], "global": lambda: z - q, "batchtopk": lambda: torch.relu(z)}
+    return {"score": score.get(family, lambda: z)(), "value": z, "pre": u}
+
+
+def _per_latent(named: dict, n: int) -> list[str]:
+    return [k for k, t in named.items() if k != "b_dec" and t.dim() >= 1 and t.shape[0] == n]
+
+
+def ref_full(family: str, P: Provider, I: Inputs, x: torch.Tensor, chunk: int = 1 << 14) -> dict:
+    """family_ref over all n latents ([R, n] float64 tensors, computed over column chunks) plus "scale"
+    [R, 1], the row's largest |pre-activation|. BatchTopK's score becomes ReLU(z) - t, t the (R k)-th largest."""
+    named = {k: t.detach() for k, t in P.named().items()}
+    n = I.shape.n
+    per = _per_latent(named, n)
+    parts = []
+    for c0 in range(0, n, chunk):
+        L = {k: (t[c0 : c0 + chunk] if k in per else t).double() for k, t in named.items()}
+        parts.append(family_ref(family, L, x.double(), I.fam.q))
+    out = {k: torch.cat([p[k] for p in parts], 1) for k in parts[0]}
+    out["scale"] = out["pre"].abs().amax(1, keepdim=True)
+    if family == "batchtopk":
+        t = out["score"].reshape(-1).topk(min(out["score"].numel(), x.shape[0] * I.shape.k)).values[-1]
+        out["score"] = out["score"] - t if t > 0 else out["score"]
+    return out
+
+
+def expect_threshold_selection(where: str, family: str, ref: dict, f, gate, k: int, dtype: str) -> torch.Tensor:
+    """The threshold rule, see the module docstring. f, gate: [R, n] (gate None but for gated encoders).
+    Returns the selection [R, n] bool."""
+    got = (gate if gate is not None else f).detach() != 0
+    score = ref["score_f"] if family == "gated" and gate is None else ref["score"]
+    slack = SELECT_TOL[dtype] * ref["scale"]
+    for bad, what in (
+        (got & (score < -slack), "selects a latent below"),
+        (~got & (score > slack), "misses a latent above"),
+    ):
+        if bad.any():
+            r = int(bad.any(1).nonzero()[0])
+            raise CheckError(f"{where}: row {r} {what} its threshold (beyond rounding)")
+    if family == "batchtopk":
+        R, sure = f.shape[0], int((score > slack).sum())
+        if not min(R * k, sure) <= int(got.sum()) <= R * k:
+            raise CheckError(f"{where}: selects {int(got.sum())} entries, not the batch's {R * k}")
+    for name, vals, want in (("values", f, ref["value"]), ("ReLU(pi_g)", gate, ref.get("gate"))):
+        if vals is not None:  # relative to the magnitude the GEMM rounded (values are z minus a threshold)
+            want = torch.where(got, want, 0.0)
+            scale = torch.where(got, torch.maximum(ref["pre"].abs(), want.abs()), 0.0).norm().clamp_min(1e-300)
+            err = float((vals.detach().double() - want).norm() / scale)
+            _fail_if(where, f"{name} at the selected latents", err, VALUE_TOL[dtype])
+    return got
+
+
+def check_family_encode(family: str, P: Provider, I: Inputs, where: str) -> None:
+    x = I.x[I.rows]
+    with torch.no_grad():
+        f, gate = P.dense(P.encode(x))
+    expect_threshold_selection(where, family, ref_full(family, P, I, x), f, gate, I.shape.k, I.shape.dtype)
+
+
+def _forced_family(family: str, P: Provider, I: Inputs, x, got, touched):
+    """Leaves (float64, per-latent tensors on `touched`), the reference for the selection `got` [R, n]:
+    (L, f64 [R, U] (the activations, differentiable), gate64 or None, score [R, U])."""
+    named = P.named()
+    per = _per_latent(named, I.shape.n)
+    L = {k: (t[touched] if k in per else t).detach().double().requires_grad_() for k, t in named.items()}
+    r = family_ref(family, L, x.double(), I.fam.q)
+    sel = got[:, touched]
+    gate = torch.where(sel, r["gate"], 0.0) if family == "gated" else None
+    return L, torch.where(sel, r["value"], 0.0), gate, r["score"].detach()
+
+
+def check_family_step(family: str, P: Provider, I: Inputs, where: str) -> None:
+    """The selection, the loss and every parameter's gradient of one step (the Adam update is torch's)."""
+    s, x = I.shape, I.x[I.rows]
+    act = P.encode(x)
+    ref = ref_full(family, P, I, x)
+    got = expect_threshold_selection(where, family, ref, *P.dense(act), s.k, s.dtype)
+    named = P.named()
+    loss = P.loss(x)
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    keep = got.any(0)
+    edge = EDGE_TOL[s.dtype] * ref["scale"]
+    if family == "jumprelu":  # the threshold gradient reaches the band's latents too
+        keep |= ((ref["score"].abs() - BANDWIDTH / 2) < edge).any(0)
+    touched = keep.nonzero().squeeze(1)
+    L, f64, gate64, score = _forced_family(family, P, I, x, got, touched)
+    x64 = x.detach().double()
+    ref_loss = (f64 @ L["W_dec"] + L["b_dec"] - x64).pow(2).sum(-1).mean()
+    if family == "relu":
+        ref_loss = ref_loss + SPARSITY_COEFF * (f64 * L["W_dec"].norm(dim=1)).sum(-1).mean()
+    elif family == "jumprelu":
+        ref_loss = ref_loss + SPARSITY_COEFF * got.sum(1).double().mean()
+    elif family == "gated":
+        aux = (gate64 @ L["W_dec"].detach() + L["b_dec"].detach() - x64).pow(2).sum(-1).mean()
+        ref_loss = ref_loss + SPARSITY_COEFF * gate64.sum(-1).mean() + aux
+    trained = [k for k in named if k != "threshold"]
+    ref_grads = torch.autograd.grad(ref_loss, [L[k] for k in trained] + [f64], allow_unused=True)
+    tol = STEP_TOL[s.dtype]
+    _fail_if(where, "loss", rel_err(loss.detach(), ref_loss.detach()), tol)
+    got_grads = dict(zip(named, grads, strict=True))
+    for name, want in zip(trained, ref_grads, strict=False):
+        g = got_grads[name] if got_grads[name] is not None else torch.zeros_like(named[name])
+        want = torch.zeros_like(L[name]) if want is None else want
+        if name == "b_dec":
+            _fail_if(where, "grad b_dec", rel_err(g, want), tol)
+        else:
+            expect_rows_close(where, f"grad {name}", g, want, touched, tol)
+    if family == "jumprelu":
+        expect_threshold_grad(where, got_grads["threshold"], L["threshold"].detach(), score, ref_grads[-1],
+                              edge, touched, x.shape[0], tol)  # fmt: skip
+
+
+def expect_threshold_grad(where, got, theta, s, g, edge, touched, R: int, tol: float) -> None:
+    """JumpReLU's threshold gradient as an interval. got: [n]; theta: [U]; s: [R, U] = z - theta;
+    g: [R, U] dL/df of the reference. Each band entry adds -(theta / eps) g - coeff / (R eps); entries within
+    `edge` [R, 1] of a band edge may or may not, so the gradient must lie between the sums of the sure
+    entries plus those uncertain ones of either sign."""
+    eps = BANDWIDTH
+    terms = -(theta / eps) * g - SPARSITY_COEFF / (R * eps)
+    unsure = ((s.abs() - eps / 2).abs() <= edge).double()
+    sure = ((s.abs() < eps / 2) & ((s.abs() - eps / 2).abs() > edge)).double()
+    lo = (sure * terms + unsure * terms.clamp(max=0)).sum(0)
+    hi = (sure * terms + unsure * terms.clamp(min=0)).sum(0)
+    got = torch.zeros(got.shape[0], dtype=torch.float64, device=theta.device) if got is None else got.double()
+    inside = got[touched]
+    outside = got.index_fill(0, touched, 0.0)
+    miss = (lo - inside).clamp_min(0) + (inside - hi).clamp_min(0)
+    err = float(torch.cat([miss, outside]).norm() / torch.maximum(lo.norm(), hi.norm()).clamp_min(1e-300))
+    _fail_if(where, "grad threshold (beyond band-edge rounding)", err, tol)
+
+
+def setup_forward(P: Provider, I: Inputs):
+    def run():
+        with torch.no_grad():
+            return P.forward(I.x)
+
+    return run
+
+
+def check_forward(family: str, P: Provider, I: Inputs, where: str) -> None:
+    """The selection of `model(x)` and x_hat, against the reference decode of that selection."""
+    s, x = I.shape, I.x[I.rows]
+    with torch.no_grad():
+        act, x_hat = P.run(x)
+    if family == "topk":
+        values, indices = P.sparse(act)
+        expect_topk_selection(where, ref_activations(I.params, x), values, indices, s.k, s.dtype)
+        _, L, code = forced_reference(I.params, x, indices)
+        want = reference.sparse_decode(code, L["W_dec"], L["b_dec"])
+    else:
+        got = expect_threshold_selection(where, family, ref_full(family, P, I, x), *P.dense(act), s.k, s.dtype)
+        touched = got.any(0).nonzero().squeeze(1)
+        L, f64, _, _ = _forced_family(family, P, I, x, got, touched)
+        want = f64 @ L["W_dec"] + L["b_dec"]
+    _fail_if(where, "x_hat", rel_err(x_hat, want.detach()), VALUE_TOL[s.dtype])
+
+
 @dataclass(frozen=True)
 class Op:
     """One benchmarked operation: how to set it up and check it, and its work model.
@@ -316,6 +514,7 @@ class Op:
     flops: Callable[[Shape, int], float]
     bytes: Callable[[Shape, int], float]
     weight_grads: int  # [n, d] gradients (and optimizer states) it keeps alive, for the memory estimate
+    group: str = "topk"  # "topk", "threshold" (the families' encode and step) or "forward" (model(x))
 
 
 def _enc_bytes(s: Shape, U: int) -> float:
@@ -355,27 +554,82 @@ OPS: dict[str, Op] = {
     )
 }  # fmt: skip
 
+FAMILIES = {"relu": "ReLU", "jumprelu": "JumpReLU", "gated": "gated", "batchtopk": "BatchTopK"}
+# inference forward per sae class -> the selection rule of its eval-mode encoder
+FORWARDS = {"topk": "topk", "batchtopk": "global", "jumprelu": "jumprelu", "gated": "gated", "relu": "relu",
+            "matryoshka": "global", "ordered": "global"}  # fmt: skip
+CLASSES = {"topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "jumprelu": "JumpReLUSAE", "gated": "GatedSAE",
+           "relu": "ReLUSAE", "matryoshka": "MatryoshkaSAE", "ordered": "OrderedSAE"}  # fmt: skip
+
+
+def _family_ops():
+    """The threshold families' encode and step (L0 ~ k, see FamilyParams), and every class's forward."""
+    enc_flops = lambda s, U: 2 * s.B * s.n * s.d
+    step_flops = lambda s, U: 2 * s.B * s.n * s.d + 10 * s.B * s.k * s.d
+    for fam, label in FAMILIES.items():
+        yield Op(
+            f"{fam}_encode",
+            f"{label} encode: the fused encoder (dense: z, activation, f [B, n])",
+            setup_encode,
+            partial(check_family_encode, fam),
+            enc_flops,
+            _enc_bytes,
+            0,
+            "threshold",
+        )
+        yield Op(
+            f"{fam}_step",
+            f"{label} step: forward, the SAE's loss, backward, Adam",
+            setup_step,
+            partial(check_family_step, fam),
+            step_flops,
+            _step_bytes,
+            6,
+            "threshold",
+        )
+    for arch, rule in FORWARDS.items():
+        yield Op(
+            f"forward_{arch}",
+            f"{CLASSES[arch]}(x): inference forward (eval mode)",
+            setup_forward,
+            partial(check_forward, rule),
+            lambda s, U: 2 * s.B * s.n * s.d + 2 * s.B * s.k * s.d,
+            lambda s, U: _enc_bytes(s, U) + _dec_bytes(s, U),
+            0,
+            "forward",
+        )
+
+
+OPS.update((op.name, op) for op in _family_ops())  # fmt: skip
+
+
+LARGEST_N = "largest_n"  # the case of bench.largest (not per shape)
+
 
 def select_ops(patterns: str | None) -> list[str]:
-    """Op names matching any comma-separated fnmatch pattern ("encode*", "step"); all when None."""
+    """Case names matching any comma-separated fnmatch pattern ("encode*", "step"): ops of OPS, and
+    LARGEST_N; all when None."""
+    names = [*OPS, LARGEST_N]
     if not patterns:
-        return list(OPS)
+        return names
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
-    chosen = [name for name in OPS if any(fnmatch.fnmatch(name, p) for p in pats)]
+    chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in pats)]
     if not chosen:
-        raise ValueError(f"--cases {patterns!r} matches none of {', '.join(OPS)}")
+        raise ValueError(f"--cases {patterns!r} matches none of {', '.join(names)}")
     return chosen
 
 
 def check(op: str, P: Provider, I: Inputs) -> None:
     """Check P's output on `op` against the reference; raises CheckError. Leaves no gradients behind."""
-    OPS[op].check(P, I, f"{op} [{I.shape.label()}] provider {P.name}")
-    I.params.zero_grad()
+    try:
+        OPS[op].check(P, I, f"{op} [{I.shape.label()}] provider {P.name}")
+    finally:
+        I.zero_grad()
 
 
 def build(op: str, cls: type[Provider], I: Inputs) -> Callable[[], object]:
     """Construct the provider, check it (raises CheckError), and return the function that runs `op`."""
-    P = cls(I.params)
+    P = cls(I.params, I.fam)
     check(op, P, I)
     return OPS[op].setup(P, I)
 
@@ -386,7 +640,7 @@ def estimate_bytes(op: str, cls: type[Provider], s: Shape) -> int:
     The larger of the run (weights, their gradients and Adam's moments, inputs, the provider's [B, n] and
     [B*k, d] temporaries) and the check (weights, inputs, a few float64 [CHECK_ROWS, n] matrices).
     """
-    params = s.itemsize * (2 * s.n * s.d + s.n + s.d)
+    params = s.itemsize * (2 * s.n * s.d + 6 * s.n + s.d)
     inputs = s.itemsize * 3 * s.B * s.d
     temps = s.itemsize * s.B * (cls.dense_temps.get(op, 0) * s.n + cls.gather_temps.get(op, 0) * s.k * s.d)
     run = params * (1 + OPS[op].weight_grads / 2) + inputs + temps
@@ -397,6 +651,7 @@ def estimate_bytes(op: str, cls: type[Provider], s: Shape) -> int:
 
 GPU_REFERENCE = Shape(B=8192, d=4096, n=131072, k=64, dtype="bfloat16")
 CPU_TARGET = Shape(B=2048, d=768, n=24576, k=32, dtype="float32")
+FAMILY_N = {"cuda": GPU_REFERENCE.n, "cpu": 4096}  # the quick suite's n for the threshold and forward ops
 
 
 def suite_shapes(suite: str, device: str, dtype: str | None, overrides: dict) -> list[Shape]:
@@ -418,3 +673,12 @@ def suite_shapes(suite: str, device: str, dtype: str | None, overrides: dict) ->
     return [
         Shape(B, d, n, k, dtype) for d in axes["d"] for k in axes["k"] for n in axes["n"] for B in axes["B"] if k <= n
     ]
+
+
+def family_shapes(suite: str, device: str, shapes: list[Shape]) -> list[Shape]:
+    """Where the threshold-family and forward ops run: every shape of the full suite; in the quick suite the
+    shapes whose n is nearest FAMILY_N[device] (CPU: what fits its time budget; CUDA: the reference n)."""
+    if suite == "full" or not shapes:
+        return list(shapes)
+    n = min({s.n for s in shapes}, key=lambda n: (abs(n - FAMILY_N[device]), n))
+    return [s for s in shapes if s.n == n]

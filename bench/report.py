@@ -55,11 +55,25 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return head, out
 
 
+def largest_lines(doc: dict) -> list[str]:
+    """The largest-n case (bench.largest) in words; [] when it did not run."""
+    big = doc.get("largest_n")
+    if not big:
+        return []
+    shape = f"d={big['d']}, B={big['B']}, k={big['k']}, {big['dtype']}"
+    out = []
+    for name, r in big["providers"].items():
+        n = "none" if r["largest_n"] is None else f"{r['largest_n']} (2^{r['largest_n'].bit_length() - 1})"
+        peak = "" if r["peak_mem_bytes"] is None else f", peak {r['peak_mem_bytes'] / 2**30:.1f} GiB"
+        out.append(f"largest n that trains ({shape}), {LABELS[name]}: {n}{peak}; out of memory at {r['first_oom_n']}")
+    return out
+
+
 def text_table(doc: dict) -> str:
     head, body = rows(doc)
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), *largest_lines(doc)])
 
 
 def _md_row(cells) -> str:
@@ -89,6 +103,8 @@ def markdown(doc: dict) -> str:
                      f"{g['tflops']:.2f} TFLOP/s")  # fmt: skip
     head, body = rows(doc)
     lines += ["", "## Results", "", _md_row(head), _md_row(["---"] * len(head)), *map(_md_row, body)]
+    if largest_lines(doc):
+        lines += ["", "## Largest dictionary that trains", "", *[f"- {line}" for line in largest_lines(doc)]]
     energy = [r for r in doc["results"] if r.get("energy_j_per_token") is not None]
     if energy:
         lines += ["", "## Energy (NVML)", "", "| op | n | provider | mJ/token |", "| --- | --- | --- | --- |"]
@@ -137,6 +153,9 @@ def _plot(doc: dict, group: list[dict], metric, ylabel: str, title: str, path: P
         for prov, pts in lines.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[prov], label=LABELS[prov])
+            for n, y in pts if len(ns) == 1 else ():  # one n: the log axis may show no tick near the value
+                ax.annotate(f"{y:.3g}", (n, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=COLORS[prov])  # fmt: skip
         if ref is not None:
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label=f"{LABELS[ref]} (= 1)")
         ax.set_xscale("log", base=2)
@@ -157,26 +176,34 @@ def _plot(doc: dict, group: list[dict], metric, ylabel: str, title: str, path: P
     return True
 
 
+# op groups (cases.Op.group): file name infix and title
+PLOT_GROUPS = {"topk": ("", "TopK ops"), "threshold": ("-threshold", "threshold families (encode, training step)"),
+               "forward": ("-forward", "inference forward model(x) per SAE class")}  # fmt: skip
+
+
 def plots(doc: dict, out_dir: Path) -> list[Path]:
-    """Speedup over dense, over PyTorch-sparse, and peak memory, each versus n; per (B, d, k, dtype)."""
+    """Speedup over dense, over PyTorch-sparse, and peak memory, each versus n; one PNG per (B, d, k, dtype)
+    and op group (TopK ops, threshold families, forwards), a panel per op."""
     written = []
     groups = _groups(doc)
-    for (B, d, k, dtype), group in groups.items():
+    for (B, d, k, dtype), records in groups.items():
         shape = f"B={B}, d={d}, k={k}, {dtype}"
         suffix = "" if len(groups) == 1 else f"-d{d}-k{k}-B{B}-{dtype}"
         device = doc["device"]["name"]
-        for ref in ("dense", "torch_sparse"):
-            path = out_dir / f"{stem(doc)}-speedup-vs-{ref.replace('_', '-')}{suffix}.png"
-            title = f"{device}: speedup over {LABELS[ref]} ({shape}; higher is better)"
-            ylabel = f"speedup over {LABELS[ref]} (x, time ratio)"
-            if _plot(doc, group, lambda r, b=ref: r["speedup"].get(b), ylabel, title, path, ref):
-                written.append(path)
-        path = out_dir / f"{stem(doc)}-peak-memory{suffix}.png"
-        mem = lambda r: None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
-        what = "max_memory_allocated" if doc["device"]["kind"] == "cuda" else "peak RSS growth"
-        title = f"{device}: peak memory ({shape}; lower is better)"
-        if _plot(doc, group, mem, f"peak memory (GiB, {what})", title, path, None):
-            written.append(path)
+        for kind, (infix, what_ops) in PLOT_GROUPS.items():
+            group = [r for r in records if OPS[r["op"]].group == kind]
+            name = lambda metric, infix=infix, suffix=suffix: out_dir / f"{stem(doc)}{infix}-{metric}{suffix}.png"
+            for ref in ("dense", "torch_sparse"):
+                path = name(f"speedup-vs-{ref.replace('_', '-')}")
+                title = f"{device}, {what_ops}:\nspeedup over {LABELS[ref]} ({shape}; higher is better)"
+                ylabel = f"speedup over {LABELS[ref]} (x, time ratio)"
+                if _plot(doc, group, lambda r, b=ref: r["speedup"].get(b), ylabel, title, path, ref):
+                    written.append(path)
+            mem = lambda r: None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
+            what = "max_memory_allocated" if doc["device"]["kind"] == "cuda" else "peak RSS growth"
+            title = f"{device}, {what_ops}:\npeak memory ({shape}; lower is better)"
+            if _plot(doc, group, mem, f"peak memory (GiB, {what})", title, name("peak-memory"), None):
+                written.append(name("peak-memory"))
     return written
 
 

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 
-from . import measure
+from . import largest, measure
 from .cases import OPS, Inputs, Shape, check, estimate_bytes
 from .providers import BASELINES, Provider
 
@@ -37,14 +37,26 @@ class Progress:
 
 @dataclass
 class Run:
+    """shapes: where the TopK ops run; family_shapes: where the threshold-family and forward ops run;
+    largest: whether to run the largest-n case (bench.largest, CUDA only)."""
+
     suite: str
     device: str
     shapes: list[Shape]
     ops: list[str]
     providers: list[type[Provider]]
+    family_shapes: list[Shape] = field(default_factory=list)
+    largest: bool = False
     notes: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)
     gemm: list[dict] = field(default_factory=list)
+    largest_n: dict | None = None
+
+    def ops_at(self, shape: Shape) -> list[str]:
+        return [op for op in self.ops if OPS[op].group == "topk" or shape in self.family_shapes]
+
+    def cases_at(self, shape: Shape) -> int:
+        return sum(op in c.ops for op in self.ops_at(shape) for c in self.providers)
 
     def note(self, line: str) -> None:
         print(line, file=sys.stderr)
@@ -70,7 +82,7 @@ def _metrics(op: str, I: Inputs, ms: float, gemm_ms: float | None, copy_gbps: fl
 
 
 def _measure(run: Run, op: str, cls: type[Provider], I: Inputs, probe, gemm_ms, copy_gbps) -> dict:
-    P = cls(I.params)
+    P = cls(I.params, I.fam)
     check(op, P, I)  # raises CheckError on a wrong output: nothing wrong gets timed
     probe.start()
     fn = OPS[op].setup(P, I)
@@ -100,22 +112,31 @@ def _add_speedups(records: list[dict]) -> None:
 
 def execute(run: Run) -> dict:
     """Run every case of `run`; returns the results document (see report.write_json)."""
+    gc.collect()
+    gc.freeze()  # the objects alive now (modules): every gc.collect between cases skips them (~0.1 s each)
     probe = measure.MemoryProbe(run.device)
     avail = probe.available_bytes()
     validate = kernels.validation_enabled()
     kernels.set_validation(False)  # no host-syncing finiteness checks while timing
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    total = 1 + len(run.shapes) * (1 + sum(op in c.ops for op in run.ops for c in run.providers))
+    shapes = list(dict.fromkeys([*run.shapes, *run.family_shapes]))
+    total = 1 + sum(1 + run.cases_at(s) for s in shapes) + (run.largest and run.device == "cuda")
     progress = Progress(total)
     try:
         progress.step("ceiling: device-to-device copy")
         copy = measure.copy_ceiling(run.device)
         _free(run.device)
-        for shape in run.shapes:
+        for shape in shapes:
             _run_shape(run, shape, probe, avail, copy["gbps"], progress)
+        if run.largest and run.device != "cuda":
+            run.note(f"skip {largest.NAME}: CUDA only ({largest.CPU_SKIP})")
+        elif run.largest:
+            progress.step(f"{largest.NAME}: d={largest.D}, n from 2^{largest.FIRST_EXP}, until out of memory")
+            run.largest_n = largest.search(run, _free)
     finally:
         progress.close()
         kernels.set_validation(validate)
+        gc.unfreeze()
     return {
         "suite": run.suite,
         "created": created,
@@ -132,6 +153,7 @@ def execute(run: Run) -> dict:
         "ceilings": {"copy": copy, "gemm": run.gemm},
         "notes": run.notes,
         "results": run.results,
+        "largest_n": run.largest_n,
     }
 
 
@@ -145,13 +167,13 @@ def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, prog
         gemm = {**shape.asdict(), **measure.gemm_ceiling(I.x, I.params.W_enc, run.device)}
     except torch.cuda.OutOfMemoryError as e:
         run.note(f"skip {shape.label()}: {str(e).splitlines()[0]} (of {avail / 2**30:.1f} GiB)")
-        for _ in range(sum(op in c.ops for op in run.ops for c in run.providers)):
+        for _ in range(run.cases_at(shape)):
             progress.step(f"skipped {shape.label()}")
         _free(run.device)
         return
     run.gemm.append(gemm)
     _free(run.device)
-    for op in run.ops:
+    for op in run.ops_at(shape):
         records = []
         for cls in run.providers:
             if op not in cls.ops:
@@ -168,7 +190,7 @@ def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, prog
                     rec.update(status="skipped", reason="out of memory")
             if rec["status"] == "skipped":
                 run.note(f"skip {op} {shape.label()} {cls.name}: {rec['reason']}")
-            I.params.zero_grad()
+            I.zero_grad()
             _free(run.device)
             records.append(rec)
         _add_speedups(records)

@@ -16,11 +16,22 @@ import kernels
 from bench import measure
 from bench.__main__ import main
 from bench.cases import GPU_REFERENCE, OPS, CheckError, Inputs, Shape, build
-from bench.providers import PROVIDERS, Dense, Ours, TorchSparse
+from bench.providers import (
+    FAMILY_PROVIDERS,
+    PROVIDERS,
+    Dense,
+    DenseGated,
+    DenseGlobal,
+    Ours,
+    OursBatchTopK,
+    OursJumpReLU,
+    TorchSparse,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = GPU_REFERENCE if DEVICE == "cuda" else Shape(B=64, d=48, n=640, k=8, dtype="float32")
-CASES = [pytest.param(op, name, id=f"{op}-{name}") for op in OPS for name, cls in PROVIDERS.items() if op in cls.ops]
+CLASSES = {f"{c.name}:{c.__name__}": c for c in (*PROVIDERS.values(), *FAMILY_PROVIDERS)}
+CASES = [pytest.param(op, key, id=f"{op}-{key}") for op in OPS for key, cls in CLASSES.items() if op in cls.ops]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +49,7 @@ def inputs():
 
 @pytest.mark.parametrize("op, provider", CASES)
 def test_bench(benchmark, inputs, op, provider):
-    cls = PROVIDERS[provider]
+    cls = CLASSES[provider]
     if reason := cls.unavailable():
         pytest.skip(reason)
     fn = build(op, cls, inputs)
@@ -49,7 +60,7 @@ def test_bench(benchmark, inputs, op, provider):
 
     benchmark.extra_info.update(device=measure.device_facts(DEVICE), shape=SHAPE.asdict(), op=op)
     benchmark(timed)
-    inputs.params.zero_grad()
+    inputs.zero_grad()
 
 
 class ShiftedIndices(Ours):
@@ -78,6 +89,46 @@ class DroppedBias(TorchSparse):
         return super().encode(x + self.p.b_dec.detach())  # forgets the input centering
 
 
+class ShiftedThreshold(OursJumpReLU):
+    """Encodes with thresholds 10% too high: a wrong selection."""
+
+    def encode(self, x):
+        p = self.p
+        theta = 1.1 * self.fam.threshold
+        return kernels.jumprelu_encode(x, p.W_enc, p.b_enc, theta, bandwidth=1e-3, b_dec=p.b_dec)
+
+
+class ThresholdGradientOff(OursJumpReLU):
+    """Right loss and selection, threshold gradient off by 0.1 for every latent."""
+
+    def loss(self, x):
+        extra = 0.1 * self.fam.threshold.float().sum()
+        return super().loss(x) + extra - extra.detach()
+
+
+class NoAuxLoss(DenseGated):
+    """Forgets the gated SAE's auxiliary reconstruction."""
+
+    def loss(self, x):
+        act = self.encode(x)
+        return ((self.decode(act).float() - x.float()) ** 2).sum(-1).mean() + act[1].float().sum(-1).mean()
+
+
+class PerRowTopK(OursBatchTopK):
+    """k per row instead of B * k over the batch."""
+
+    def encode(self, x):
+        p = self.p
+        return kernels.topk_encode(x, p.W_enc, p.b_enc, p.k, b_dec=p.b_dec)
+
+
+class ZeroThreshold(DenseGlobal):
+    """Forgets the global inference threshold (a ReLU forward)."""
+
+    def encode(self, x):
+        return torch.relu(self.z(x, self.p.b_enc)), None
+
+
 WRONG = [
     ("encode", ShiftedIndices),
     ("encode", DroppedBias),
@@ -86,6 +137,13 @@ WRONG = [
     ("decode_bwd", ScaledDecode),
     ("step", ScaledGradient),
     ("step", ScaledDecode),
+    ("jumprelu_encode", ShiftedThreshold),
+    ("jumprelu_step", ShiftedThreshold),
+    ("jumprelu_step", ThresholdGradientOff),
+    ("gated_step", NoAuxLoss),
+    ("batchtopk_encode", PerRowTopK),
+    ("forward_batchtopk", ZeroThreshold),
+    ("forward_matryoshka", ZeroThreshold),
 ]
 
 
@@ -93,7 +151,6 @@ WRONG = [
 def test_wrong_provider_fails_its_check(inputs, op, cls):
     with pytest.raises(CheckError):
         build(op, cls, inputs)
-    inputs.params.zero_grad()
 
 
 @pytest.mark.parametrize("op", ["encode", "encode_bwd", "step"])
@@ -102,6 +159,23 @@ def test_bf16_baselines_pass_despite_rounding(op, name):
     """bf16 GEMMs round z before the top-k, so near-ties change places: the check must allow that."""
     shape = Shape(B=96, d=256, n=4096, k=32, dtype="bfloat16")
     build(op, PROVIDERS[name], Inputs.make(shape, "cpu", seed=3))
+
+
+@pytest.fixture(scope="module")
+def bf16_inputs():
+    return Inputs.make(Shape(B=96, d=256, n=4096, k=32, dtype="bfloat16"), "cpu", seed=3)
+
+
+@pytest.mark.parametrize("op", ["relu_step", "jumprelu_step", "gated_step", "batchtopk_step", "forward_jumprelu"])
+def test_bf16_dense_families_pass_despite_rounding(bf16_inputs, op):
+    """bf16 rounds z, so latents at a threshold (or a JumpReLU band edge) may go either way."""
+    build(op, next(c for c in FAMILY_PROVIDERS if c.name == "dense" and op in c.ops), bf16_inputs)
+
+
+def test_family_thresholds_give_l0_near_k(inputs):
+    with torch.no_grad():
+        code = OursJumpReLU(inputs.params, inputs.fam).encode(inputs.x)
+    assert 0.5 * SHAPE.k <= float(code.l0.mean()) <= 2 * SHAPE.k
 
 
 TINY = ["--device", "cpu", "--n", "256,512", "--d", "32", "--k", "4", "--batch", "64"]
@@ -130,8 +204,11 @@ def test_cli_writes_json_markdown_and_plots(tmp_path, fast_timing, capsys):
     assert (tmp_path / "cpu-quick.md").read_text().startswith("# sae-kernels benchmark")
     for name in ("speedup-vs-dense", "speedup-vs-torch-sparse", "peak-memory"):
         assert (tmp_path / f"cpu-quick-{name}.png").stat().st_size > 10_000
+    for name in ("threshold-speedup-vs-dense", "threshold-peak-memory", "forward-speedup-vs-dense"):
+        assert (tmp_path / f"cpu-quick-{name}.png").stat().st_size > 10_000
     out = capsys.readouterr()
     assert "vs dense PyTorch" in out.out and "CPU quick suite" in out.err
+    assert "skip largest_n: CUDA only" in out.err
 
 
 def test_cli_fails_loudly_on_a_wrong_provider(tmp_path, fast_timing, monkeypatch):
