@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import SparseCode
+from kernels import SparseCode, reference
 from sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, OrderedSAE, ReLUSAE, TopKSAE
 
 ALL_OPS = ("encode", "encode_bwd", "decode", "decode_bwd", "step")
@@ -477,38 +477,6 @@ class OursOrdered(_OursGlobal):
         return OrderedSAE(d, n, k, dtype=dtype, device="meta")
 
 
-class _JumpReLUFn(torch.autograd.Function):
-    """f = z H(z - theta); df/dz = H(z - theta), df/dtheta = -(theta / eps) 1[|z - theta| < eps / 2] (dense)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        band = (z - theta).abs() < ctx.eps / 2
-        return g * (z > theta), (-(theta / ctx.eps) * band * g).sum(0), None
-
-
-class _StepFn(torch.autograd.Function):
-    """H(z - theta); dH/dz = 0, dH/dtheta = -(1 / eps) 1[|z - theta| < eps / 2] (dense)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps):
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        band = (z - theta).abs() < ctx.eps / 2
-        return None, -(band * g).sum(0) / ctx.eps, None
-
-
 class _DenseFamily(_Family):
     """Dense PyTorch, as SAELens runs it: z [B, n], the activation on z, f [B, n] @ W_dec.
 
@@ -543,8 +511,8 @@ class DenseReLU(_ReLUParams, _DenseFamily):
 
 class DenseJumpReLU(_JumpReLUParams, _DenseFamily):
     def encode(self, x):
-        z, theta = self.z(x, self.p.b_enc), self.fam.threshold
-        return _JumpReLUFn.apply(z, theta, BANDWIDTH), _StepFn.apply(z, theta, BANDWIDTH).sum(-1)
+        p = self.p
+        return reference.jumprelu(x, p.W_enc, p.b_enc, self.fam.threshold, BANDWIDTH, b_dec=p.b_dec)
 
     def loss(self, x):
         act = self.encode(x)
