@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import AllocationRecorder
 
+import kernels
 import sae
 from sae import metrics
 from sae.__main__ import main
@@ -212,3 +214,24 @@ def test_cli_help_and_train(tmp_path, capsys):
         main(["train", "--config", str(config)])
     with pytest.raises(SystemExit, match="needs --model"):
         main(["harvest"])
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [("TopKSAE", {"k": 4}), ("BatchTopKSAE", {"k": 4}), ("JumpReLUSAE", {"init_threshold": 0.5, "bandwidth": 0.1})],
+    ids=["TopK+AuxK", "BatchTopK", "JumpReLU"],
+)
+def test_training_step_never_allocates_batch_by_latents(name, kw):
+    """A whole step (forward, AuxK on dead latents, backward, Adam) on the fused kernels stays below B x n."""
+    B, d, n = 64, 8, 256  # d < B: parameters, gradients and Adam states [n, d] are smaller than B x n
+    model = getattr(sae, name)(d, n, **kw)
+    source = TensorSource(torch.randn(4096, d), B)
+    trainer = Trainer(model, source, quiet(steps=1, dead_tokens=1, stats_tokens=256, eval_tokens=256))
+    trainer.fit()  # set-up and a first step: latents that did not fire are now dead (AuxK runs)
+    x = source.next_batch()
+    with kernels.use_backend("triton"), AllocationRecorder() as rec:
+        parts = trainer._train_step(x)
+    if name == "TopKSAE":
+        assert "aux" in parts
+    biggest = max(rec.numels)
+    assert biggest[0] < B * n, f"{biggest[1]} allocated {biggest[0]} >= B*n = {B * n} elements"
