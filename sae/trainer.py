@@ -115,6 +115,9 @@ class Trainer:
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=fused)
         # bf16: the loss runs on a bf16 copy; its gradients land on the fp32 master weights.
         self.work = copy.deepcopy(model).to(torch.bfloat16) if cfg.precision == "bf16" else model
+        for buf in self.work.buffers() if self.work is not model else ():
+            if buf.is_floating_point():  # running statistics (BatchTopK's threshold EMA) stay fp32
+                buf.data = buf.data.float()
         self.coeff_base = {c: float(getattr(model, c)) for c in SPARSITY_COEFFS if hasattr(model, c)}
         self.anneal = cfg.p_end is not None and hasattr(model, "p") and hasattr(model, "penalty")
         self._eval_raw = eval_data
@@ -278,11 +281,11 @@ class Trainer:
         self.coeff_base, self.p_acc = dict(state["coeff_base"]), list(state["p_acc"])
         self.source.load_state_dict(state["source"])
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng["torch"].cpu())  # map_location may have moved it
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def save_checkpoint(self) -> Path:
         if self.out_dir is None:

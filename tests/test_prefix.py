@@ -82,7 +82,8 @@ def test_prefix_errors_compile_traces():
     code = random_code(4, 12, 3, torch.float32)
     W = torch.randn(12, 8, requires_grad=True)
     r0 = torch.randn(4, 8)
-    fn = torch.compile(lambda v, W, r0: kernels.prefix_errors(SparseCode(v, code.indices), W, r0).sum(), fullgraph=True,
+    ids = code.indices.cpu()
+    fn = torch.compile(lambda v, W, r0: kernels.prefix_errors(SparseCode(v, ids), W, r0).sum(), fullgraph=True,
                        backend="aot_eager")  # fmt: skip
     with kernels.use_backend("torch"):
         fn(code.values.cpu(), W, r0).backward()

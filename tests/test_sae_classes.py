@@ -159,15 +159,15 @@ def test_loss_parts_and_gradients(name, backend):
 
 def test_aux_without_dead_latents_is_zero():
     model = make("topk")
-    parts = model.loss(torch.randn(6, D), dead_mask=torch.zeros(N, dtype=torch.bool))
+    parts = model.loss(torch.randn(6, D, device=DEVICE), dead_mask=torch.zeros(N, dtype=torch.bool, device=DEVICE))
     assert float(parts["aux"]) == 0.0
     with pytest.raises(ValueError, match="dead_mask must be"):
-        model.loss(torch.randn(6, D), dead_mask=torch.zeros(3, dtype=torch.bool))
+        model.loss(torch.randn(6, D, device=DEVICE), dead_mask=torch.zeros(3, dtype=torch.bool, device=DEVICE))
 
 
 def test_relu_penalty_exponent_and_dense_decode():
     model = make("relu")
-    x = torch.randn(10, D)
+    x = torch.randn(10, D, device=DEVICE)
     code = model.encode_sparse(x)
     assert code.k == N  # at init most latents fire: the dense layout, decoded by a matmul
     f = reference_forward(model, x)[1]
@@ -183,19 +183,21 @@ def test_relu_penalty_exponent_and_dense_decode():
 def test_fold_decoder_norms_keeps_outputs(name):
     model = make(name)
     with torch.no_grad():
-        model.W_dec.mul_(torch.rand(N, 1) * 2 + 0.1)
+        model.W_dec.mul_(torch.rand(N, 1, device=DEVICE) * 2 + 0.1)
         model.W_dec[3] = 0  # a dead latent
-    x = torch.randn(9, D)
+    x = torch.randn(9, D, device=DEVICE)
     before = model(x)
     model.fold_decoder_norms()
     norms = model.W_dec.norm(dim=1)
-    assert norms[3] == 0 and torch.allclose(norms[torch.arange(N) != 3], torch.ones(N - 1))
+    assert norms[3] == 0 and torch.allclose(
+        norms[torch.arange(N, device=DEVICE) != 3], torch.ones(N - 1, device=DEVICE)
+    )
     assert_close(model(x), before, torch.float32, "x_hat after folding")
 
 
 def test_normalisation_act_scale_and_fold():
     model = make("topk", normalize_activations="layer_norm")
-    x = torch.randn(7, D) * 3 + 1
+    x = torch.randn(7, D, device=DEVICE) * 3 + 1
     assert_close(model(x), reference_forward(model, x)[0], torch.float32, "layer_norm")
     model = make("relu", act_scale=2.5)
     before = model(x)
@@ -227,9 +229,9 @@ def test_transcoder_with_skip():
 def test_dtype_and_device_moves():
     model = make("jumprelu").to(torch.float16)
     assert model.dtype == torch.float16 and model.threshold.dtype == torch.float16
-    x = torch.randn(4, D)
+    x = torch.randn(4, D, device=DEVICE)
     out = model(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert model.to("cpu").device.type == "cpu"
     with pytest.raises(ValueError, match="last dimension d_in=20"):
-        model(torch.randn(3, 7))
+        model(torch.randn(3, 7, device=DEVICE))

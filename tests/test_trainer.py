@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import AllocationRecorder
 
 import kernels
@@ -224,8 +225,8 @@ def test_cli_help_and_train(tmp_path, capsys):
 def test_training_step_never_allocates_batch_by_latents(name, kw):
     """A whole step (forward, AuxK on dead latents, backward, Adam) on the fused kernels stays below B x n."""
     B, d, n = 64, 8, 256  # d < B: parameters, gradients and Adam states [n, d] are smaller than B x n
-    model = getattr(sae, name)(d, n, **kw)
-    source = TensorSource(torch.randn(4096, d), B)
+    model = getattr(sae, name)(d, n, device=DEVICE, **kw)
+    source = TensorSource(torch.randn(4096, d, device=DEVICE), B)
     trainer = Trainer(model, source, quiet(steps=1, dead_tokens=1, stats_tokens=256, eval_tokens=256))
     trainer.fit()  # set-up and a first step: latents that did not fire are now dead (AuxK runs)
     x = source.next_batch()
@@ -235,3 +236,15 @@ def test_training_step_never_allocates_batch_by_latents(name, kw):
         assert "aux" in parts
     biggest = max(rec.numels)
     assert biggest[0] < B * n, f"{biggest[1]} allocated {biggest[0]} >= B*n = {B * n} elements"
+
+
+def test_bf16_training_keeps_batch_topk_threshold_in_fp32(one_thread):
+    """The threshold EMA moves by less than a bf16 ulp per step: a bf16 copy of it would never move."""
+    gen = SyntheticActivations(16, 32, 3, seed=1)
+    thresholds = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = sae.BatchTopKSAE(16, 32, k=3)
+        Trainer(model, SyntheticSource(gen, 64), quiet(steps=200, precision=precision)).fit()
+        thresholds[precision] = model.threshold.item()
+    assert thresholds["bf16"] == pytest.approx(thresholds["fp32"], rel=0.05)
