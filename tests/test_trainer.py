@@ -239,12 +239,13 @@ def test_training_step_never_allocates_batch_by_latents(name, kw):
 
 
 def test_bf16_training_keeps_batch_topk_threshold_in_fp32(one_thread):
-    """The threshold EMA moves by less than a bf16 ulp per step: a bf16 copy of it would never move."""
+    """The threshold EMA moves by less than half a bf16 ulp per step: a bf16 copy of it would never move."""
     gen = SyntheticActivations(16, 32, 3, seed=1)
-    thresholds = {}
-    for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        model = sae.BatchTopKSAE(16, 32, k=3)
-        Trainer(model, SyntheticSource(gen, 64), quiet(steps=200, precision=precision)).fit()
-        thresholds[precision] = model.threshold.item()
-    assert thresholds["bf16"] == pytest.approx(thresholds["fp32"], rel=0.05)
+    torch.manual_seed(0)
+    model = sae.BatchTopKSAE(16, 32, k=3)
+    seen = []
+    trainer = Trainer(model, SyntheticSource(gen, 64), quiet(steps=100, precision="bf16"))
+    trainer.callbacks.append(lambda t, parts: seen.append(t.model.threshold.item()))
+    trainer.fit()
+    assert model.threshold.dtype == torch.float32 and trainer.work.threshold.dtype == torch.float32
+    assert len(set(seen[1:])) > 50, "the threshold EMA is stuck"
