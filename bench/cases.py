@@ -287,7 +287,8 @@ def check_decode_bwd(P: Provider, I: Inputs, where: str) -> None:
 
 
 def setup_step(P: Provider, I: Inputs):
-    opt = torch.optim.Adam(P.params(), lr=1e-4)
+    # lr = 0: Adam does all its work, but the weights every later case shares stay as they were.
+    opt = torch.optim.Adam(P.params(), lr=0.0, fused=I.x.is_cuda or None)
 
     def run():
         opt.zero_grad(set_to_none=True)

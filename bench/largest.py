@@ -4,11 +4,12 @@ for ours and for dense PyTorch. Each search goes up from 2^14 and stops at its f
 memory is freed between tries. The step cases check both providers' outputs; this case measures memory only.
 
 Cost on an H100 (bf16, B = 8192, k = 64), which is why it is in the GPU quick suite: a try allocates
-2 n d weights (randn) and runs one step. Ours at n = 2^20: weights, gradients and Adam's moments take
-6 x 8 GiB = 48 GiB and the step costs ~2 encoder GEMMs of 2 B n d = 7e13 FLOP, ~0.2 s at ~700 TFLOP/s; the
-tries 2^14 .. 2^20 together do less than twice that, and 2^21 (96 GiB) fails at allocation. Dense keeps
-~6 [B, n] temporaries (8 GiB each at 2^19) and 6 GEMMs per step: it stops by 2^19 or 2^20 after < 2 s of
-GEMMs. With allocation, Adam's first step and the caching allocator's frees, well under a minute in all.
+2 n d weights (randn) and runs one step with the fused Adam (as the trainer does). Ours at n = 2^20: the
+two weight matrices, their gradients and Adam's two moments of each take 8 x 8 GiB = 64 GiB, and the step
+costs ~2 encoder GEMMs of 2 B n d = 7e13 FLOP, ~0.2 s at ~700 TFLOP/s; the tries 2^14 .. 2^20 together do
+less than twice that, and 2^21 (128 GiB) fails at allocation. Dense keeps ~6 [B, n] temporaries (8 GiB
+each at 2^19) and 6 GEMMs per step: it stops by 2^19 or 2^20 after < 2 s of GEMMs. With allocation,
+Adam's first step and the caching allocator's frees, well under a minute in all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _trains(cls, n: int, dtype: torch.dtype) -> bool:
         p = Params.random(D, n, K, dtype, "cuda", seed=0)
         x = torch.randn(B, D, device="cuda", dtype=dtype)
         P = cls(p)
-        opt = torch.optim.Adam(P.params(), lr=1e-4)
+        opt = torch.optim.Adam(P.params(), lr=1e-4, fused=True)  # foreach Adam would copy its moments
         P.loss(x).backward()
         opt.step()
         torch.cuda.synchronize()

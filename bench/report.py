@@ -184,6 +184,11 @@ PLOT_GROUPS = {"topk": ("", "TopK ops"), "threshold": ("-threshold", "threshold 
 def plots(doc: dict, out_dir: Path) -> list[Path]:
     """Speedup over dense, over PyTorch-sparse, and peak memory, each versus n; one PNG per (B, d, k, dtype)
     and op group (TopK ops, threshold families, forwards), a panel per op."""
+    try:
+        import matplotlib  # noqa: F401  (an optional `bench` extra: no plots without it)
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
     written = []
     groups = _groups(doc)
     for (B, d, k, dtype), records in groups.items():

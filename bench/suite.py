@@ -160,16 +160,19 @@ def execute(run: Run) -> dict:
 def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, progress: Progress) -> None:
     base = shape.itemsize * (2 * shape.n * shape.d + 3 * shape.B * shape.d + shape.B * shape.n)
     progress.step(f"ceiling: GEMM {shape.label()}")
+    why = None
     try:
         if base > 0.9 * avail:
             raise torch.cuda.OutOfMemoryError(f"weights, inputs and the GEMM need {base / 2**30:.1f} GiB")
         I = Inputs.make(shape, run.device)
         gemm = {**shape.asdict(), **measure.gemm_ceiling(I.x, I.params.W_enc, run.device)}
     except torch.cuda.OutOfMemoryError as e:
-        run.note(f"skip {shape.label()}: {str(e).splitlines()[0]} (of {avail / 2**30:.1f} GiB)")
+        why = str(e).splitlines()[0]
+    if why is not None:  # freed outside the except block, whose traceback holds the half-built tensors
+        _free(run.device)
+        run.note(f"skip {shape.label()}: {why} (of {avail / 2**30:.1f} GiB)")
         for _ in range(run.cases_at(shape)):
             progress.step(f"skipped {shape.label()}")
-        _free(run.device)
         return
     run.gemm.append(gemm)
     _free(run.device)
