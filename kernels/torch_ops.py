@@ -57,8 +57,12 @@ def topk_select(x, W, b, k: int, budget: int = BUDGET):
     torch.topk finds the exact top-k values but orders equal values arbitrarily. The (k+1)-th value
     shows whether a row has a tie across the k-th place; only such rows (e.g. rows with fewer than k
     positive entries) are redone with packed keys. Then slots are ordered by value, equal values by id.
+    On CUDA every row takes the packed keys, so the op makes no host synchronisation.
     x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
     """
+    if x.is_cuda:  # the tie check below needs host syncs; the packed keys need none
+        values, indices = _topk_keys(x, W, b, k, budget)
+        return values.to(x.dtype), indices
     B, n = x.shape[0], W.shape[0]
     kk = min(k + 1, n)
     cols = max(1, min(n, budget))

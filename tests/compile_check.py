@@ -38,15 +38,17 @@ def gpu_configs(op):
 
 def cases():
     """(label, kernel, signature, constexprs, options) for every kernel x dtype x config."""
-    for (dt, ptr), kp in itertools.product(DTYPES.items(), (32, 64, 128, 256)):
+    variants = [(kp, True, "tf32") for kp in (32, 64, 128, 256)] + [(64, False, "tf32"), (64, True, "ieee")]
+    for (dt, ptr), (kp, bias, precision) in itertools.product(DTYPES.items(), variants):
+        if precision == "ieee" and dt != "fp32":
+            continue  # only fp32 inputs have an IEEE mode (torch.backends.cuda.matmul.allow_tf32 = False)
         cfg = next(c for c in gpu_configs("topk_encode") if tuning._fits(c.get("when", {}), {"KP": kp, "D": 4096}))
-        bias = True
         sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "cand_ptr": "*i64"}
         sig |= dict.fromkeys(["B", "N", "D", "cols_per_split", "stride_x", "stride_w", "stride_cb", "stride_cs"], "i32")
         const = {"HAS_BIAS": bias, "KP": kp, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                 "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": "tf32"}  # fmt: skip
+                 "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": precision}  # fmt: skip
         opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        yield f"topk_encode {dt} KP={kp} bias={bias}", topk_encode._topk_encode_kernel, sig, const, opts
+        yield f"topk_encode {dt} KP={kp} bias={bias} {precision}", topk_encode._topk_encode_kernel, sig, const, opts
     for (dt, ptr), cfg in itertools.product(DTYPES.items(), gpu_configs("gather")):
         sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr}
         sig |= dict.fromkeys(["B", "K", "D", "stride_v", "stride_i", "stride_w", "stride_out"], "i32")
@@ -62,17 +64,23 @@ def cases():
                "sum_ptr": ptr, "D": "i32", "K": "i32", "stride_x": "i32", "stride_out": "i32"}  # fmt: skip
         const = {"WITH_SUM": True, "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
         yield f"scatter_rows {dt}", scatter._scatter_rows_kernel, sig, const, {"num_warps": cfg["num_warps"]}
-    modes = {"relu": 0, "jumprelu": 1, "gated": 2}.items()
-    for (dt, ptr), cfg, (act, m) in itertools.product(DTYPES.items(), gpu_configs("threshold_encode"), modes):
+    modes = [("relu", 0, True, "tf32"), ("jumprelu", 1, True, "tf32"), ("gated", 2, True, "tf32"),
+             ("relu", 0, False, "tf32"), ("jumprelu", 1, True, "ieee")]  # fmt: skip
+    for (dt, ptr), cfg, (act, m, bias, precision) in itertools.product(
+        DTYPES.items(), gpu_configs("threshold_encode"), modes
+    ):
+        if precision == "ieee" and dt != "fp32":
+            continue
         ptrs = ["x_ptr", "w_ptr", "b_ptr", "theta_ptr", "r_ptr", "b2_ptr", "val_ptr", "gate_ptr"]
         sig = dict.fromkeys(ptrs, ptr)
         sig |= {"aux_ptr": "*fp32", "idx_ptr": "*i32", "count_ptr": "*i32"}
         sig |= dict.fromkeys(["B", "N", "D", "C", "cols_per_split", "stride_x", "stride_w"], "i32")
         sig["half_band"] = "fp32"
-        const = {"MODE": m, "HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                 "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": "tf32"}  # fmt: skip
+        const = {"MODE": m, "HAS_BIAS": bias, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                 "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": precision}  # fmt: skip
         opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        yield f"threshold_encode {dt} {act}", threshold_encode._threshold_encode_kernel, sig, const, opts
+        label = f"threshold_encode {dt} {act} bias={bias} {precision}"
+        yield label, threshold_encode._threshold_encode_kernel, sig, const, opts
     for dt, ptr in DTYPES.items():
         sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "r0_ptr": ptr, "out_ptr": "*fp32"}
         strides = ["stride_v", "stride_i", "stride_w", "stride_r"]
