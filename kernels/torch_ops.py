@@ -122,6 +122,12 @@ def gather_matmul(values, indices, W, bias, budget: int = BUDGET):
 def gather_dot(g, indices, W, budget: int = BUDGET):
     """out[b, j] = g[b] . W[indices[b, j]], fp32 accumulation.  -> [B, K] g.dtype."""
     B, K = indices.shape
+    if g.dtype == W.dtype == torch.float32:  # embedding_bag's own backward: no [B, K, d] gather
+        bags = torch.arange(B, device=g.device)
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, W, indices.reshape(-1).long(), bags * K, bags.repeat_interleave(K), 0, -1
+        )
+        return out.view(B, K)
     out = torch.empty(B, K, dtype=g.dtype, device=g.device)
     step = _row_chunk(K, W.shape[1], budget)
     for r0 in range(0, B, step):
