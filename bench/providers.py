@@ -297,6 +297,8 @@ class Sparsify(Provider):
             return f"not importable ({type(e).__name__}: {e}); install it with `pip install eai-sparsify`"
         if not hasattr(mod, "SparseCoder") and not hasattr(mod, "Sae"):
             return f"sparsify {getattr(mod, '__version__', '?')} has neither SparseCoder nor Sae"
+        if not torch.cuda.is_available():
+            return "its decode runs Triton kernels: CUDA only"
         return None
 
     def __init__(self, p: Params, fam: FamilyParams | None = None):
