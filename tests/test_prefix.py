@@ -1,5 +1,7 @@
 """Prefix reconstruction errors and losses (Matryoshka / Ordered) against the per-prefix reference."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
@@ -40,6 +42,15 @@ def test_prefix_errors_and_grads(case, dtype, backend):
     ref.backward(g.double())
     for name, t, r in zip(("values", "W", "r0"), (values, W, r0), ref_in):
         assert_close(t.grad, r.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_backward_in_row_chunks(backend, monkeypatch):
+    """Budgets of a few rows: the W gradient is summed over several row chunks."""
+    prefix = importlib.import_module("kernels.prefix")
+    monkeypatch.setattr(prefix, "BUDGET", 3 * 5 * 24)
+    monkeypatch.setattr(prefix, "CUDA_BUDGET", 3 * 5 * 24)
+    test_prefix_errors_and_grads((7, 24, 33, 4), torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
