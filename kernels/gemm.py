@@ -66,7 +66,8 @@ def precision(dtype: torch.dtype) -> str:
 
 def split_plan(op: str, B: int, n: int, device: torch.device, **shape: int) -> dict:
     """`op`'s launch config plus the column split: "cols_per_split" and "S", so that the grid fills the SMs
-    (cfg["waves"] programs per SM on CUDA, cfg["programs"] in the interpreter)."""
+    (cfg["waves"] resident programs per SM on CUDA, cfg["programs"] in the interpreter) without spilling
+    into a second, mostly idle wave."""
     cfg = dict(tuning.config(op, **shape))
     row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
@@ -74,7 +75,8 @@ def split_plan(op: str, B: int, n: int, device: torch.device, **shape: int) -> d
         target = cfg["waves"] * num_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = cfg["programs"]
-    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+    # Round down: a grid just over one wave of `target` programs would take two waves.
+    splits = max(1, min(tiles, target // row_blocks))
     cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
     cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
     return cfg
