@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 RESULTS_DIR ?= bench/results
 PYTEST_ARGS ?=
 
-.PHONY: test bench bench-full lint demo gpu-check gpu-install gpu-test gpu-bench compile-check clean
+.PHONY: test bench bench-full lint demo gpu-check gpu-install gpu-test gpu-bench gpu-tune compile-check clean
 
 # CPU setup: the local CPU wheel of torch first (an unpinned torch would pull the CUDA build),
 # then triton 3.9 (its interpreter runs the kernels on CPU), then the package with its extras.
@@ -57,6 +57,11 @@ gpu-test: gpu-install
 gpu-bench: gpu-install
 	set -o pipefail; python3 -m bench --quick --device cuda --results-dir $(RESULTS_DIR) 2>&1 \
 		| tee $(RESULTS_DIR)/gpu-bench.log
+
+# Tile sweep of the fused encoders at the reference shape (GPU only); JSON under $(RESULTS_DIR).
+gpu-tune: gpu-install
+	python3 -m bench.tune --op topk_encode --results-dir $(RESULTS_DIR)
+	python3 -m bench.tune --op threshold_encode --results-dir $(RESULTS_DIR)
 
 # Compile every Triton kernel for sm_90 with the GPU machine's triton 3.6, on this CPU machine.
 compile-check: .venv-t36/.installed

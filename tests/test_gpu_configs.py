@@ -64,3 +64,17 @@ def test_threshold_encoders(B, d, n):
             )
     for got, want in zip(runs["triton"], runs["torch"]):
         assert_close(got.to_dense(n), want.to_dense(n), torch.float32)
+
+
+def test_tune_sweep_checks_and_times_each_config(tmp_path):
+    """bench.tune (the GPU tile sweep) runs end to end: every candidate is checked, timed and reported."""
+    from bench import tune
+
+    for op in ("topk_encode", "threshold_encode"):
+        doc = tune.run(op, 9, 20, 100, 5, torch.float32, "cpu")
+        assert len(doc["results"]) == len(tune.INTERPRETER_CANDIDATES)
+        for rec in doc["results"]:
+            assert "error" not in rec, rec
+            assert rec["agreement"] == 1.0 and rec["ms"] > 0 and rec["x_gemm"] > 0
+        assert op in tune.table(doc)
+    assert kernels.validation_enabled(), "the sweep must restore the validation switch"
