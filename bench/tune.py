@@ -27,35 +27,25 @@ from kernels import backend, tuning
 
 from . import measure
 
+
+def _configs(tiles) -> list[dict]:
+    """Launch configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one resident program per SM."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return [dict(zip(keys, t), waves=1) for t in tiles]
+
+
 # Candidates for the GPU; each is tried as given (kernels/configs holds the current choice).
 CANDIDATES = {
-    "topk_encode": [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s, "waves": 1}
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 64, 64, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 3),
-            (64, 128, 64, 8, 4),
-            (128, 256, 64, 8, 3),
-            (64, 256, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (256, 64, 64, 8, 3),
-        ]
-    ],  # fmt: skip
-    "threshold_encode": [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s, "waves": 1}
-        for bm, bn, bk, w, s in [
-            (64, 128, 64, 8, 3),
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 8, 3),
-            (64, 64, 64, 4, 4),
-            (128, 128, 64, 8, 3),
-            (64, 256, 64, 8, 3),
-        ]
-    ],  # fmt: skip
-}
+    "topk_encode": _configs([
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
+        (128, 128, 32, 8, 4), (256, 64, 64, 8, 3),
+    ]),
+    "threshold_encode": _configs([
+        (64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+    ]),
+}  # fmt: skip
 INTERPRETER_CANDIDATES = [
     {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1, "programs": 4},
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1, "programs": 2},

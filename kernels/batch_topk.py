@@ -56,8 +56,7 @@ def batch_topk_encode(
     """
     n = W_enc.shape[0] if isinstance(W_enc, torch.Tensor) else 0
     x = _check_encoder(x, "W_enc", W_enc, [("b_enc", b_enc)], None, b_dec)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+    validate.k_of(k, n)
     B = x.shape[0]
     kc = min(n, _state["factor"] * k)
     while True:

@@ -236,18 +236,12 @@ def prefix_errors(code: SparseCode, W_dec: torch.Tensor, r0: torch.Tensor) -> to
     r0: [B, d] (the target minus b_dec). Differentiable in code.values, W_dec and r0.
     """
     values, indices = code
-    validate.matrix("W_dec", W_dec)
-    validate.floating("W_dec", W_dec)
-    validate.matrix("code.values", values)
-    validate.floating("code.values", values, W_dec.dtype)
-    validate.same_device("code.values", values, W_dec)
-    validate.indices("code.indices", indices, tuple(values.shape), W_dec)
+    validate.code(values, indices, W_dec)
     validate.matrix("r0", r0, cols=W_dec.shape[1])
     validate.floating("r0", r0, W_dec.dtype)
     validate.same_device("r0", r0, W_dec)
     if r0.shape[0] != values.shape[0]:
         raise ValueError(f"r0 must have {values.shape[0]} rows (the code's), got shape {tuple(r0.shape)}")
-    validate.index_range("code.indices", indices, W_dec.shape[0])
     return prefix_errors_op(values, indices.to(torch.int32), W_dec, r0)
 
 

@@ -183,12 +183,6 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor | N
     Returns [B, d] in W_dec.dtype. Differentiable in code.values, W_dec and b_dec.
     """
     values, indices = code
-    validate.matrix("W_dec", W_dec)
-    validate.floating("W_dec", W_dec)
-    validate.matrix("code.values", values)
-    validate.floating("code.values", values, W_dec.dtype)
-    validate.same_device("code.values", values, W_dec)
-    validate.indices("code.indices", indices, tuple(values.shape), W_dec)
+    validate.code(values, indices, W_dec)
     validate.vector("b_dec", b_dec, W_dec.shape[1], W_dec)
-    validate.index_range("code.indices", indices, W_dec.shape[0])
     return gather_matmul(values, indices.to(torch.int32), W_dec, b_dec)

@@ -443,20 +443,9 @@ class GatedCode(NamedTuple):
 
 
 def _check_encoder(x, W_name, W, vectors, capacity, b_dec):
-    """Shape, dtype, device and finiteness checks shared by the threshold encoders."""
-    validate.matrix("x", x)
-    validate.floating("x", x)
-    validate.matrix(W_name, W, cols=x.shape[1])
-    validate.floating(W_name, W, x.dtype)
-    validate.same_device(W_name, W, x)
-    for name, t in vectors:
-        validate.vector(name, t, W.shape[0], x)
-    validate.vector("b_dec", b_dec, x.shape[1], x)
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-        raise ValueError(f"capacity must be None or an int >= 1, got {capacity!r}")
-    for name, t in (("x", x), (W_name, W), *vectors, ("b_dec", b_dec)):
-        validate.finite(name, t)
-    return x if b_dec is None else x - b_dec
+    """The threshold encoders' checks; returns x - b_dec."""
+    validate.capacity(capacity)
+    return validate.encoder(x, W_name, W, vectors, b_dec)
 
 
 def relu_encode(

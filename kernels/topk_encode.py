@@ -171,17 +171,7 @@ def topk_encode(
     lower latent id. Rows with fewer than k positive pre-activations are filled with zero values at the
     lowest ids among the rest. Differentiable in x, W_enc, b_enc and b_dec.
     """
-    validate.matrix("x", x)
-    validate.floating("x", x)
-    validate.matrix("W_enc", W_enc, cols=x.shape[1])
-    validate.floating("W_enc", W_enc, x.dtype)
-    validate.same_device("W_enc", W_enc, x)
-    validate.vector("b_enc", b_enc, W_enc.shape[0], x)
-    validate.vector("b_dec", b_dec, x.shape[1], x)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= W_enc.shape[0]:
-        raise ValueError(f"k must be an int in [1, n={W_enc.shape[0]}], got {k!r}")
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
-        validate.finite(name, t)
-    if b_dec is not None:
-        x = x - b_dec
+    n = W_enc.shape[0] if isinstance(W_enc, torch.Tensor) else 0
+    x = validate.encoder(x, "W_enc", W_enc, [("b_enc", b_enc)], b_dec)
+    validate.k_of(k, n)
     return SparseCode(*topk_select(x, W_enc, b_enc, k))

@@ -51,6 +51,9 @@ def indices(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tenso
     same_device(name, t, ref)
 
 
+_indices = indices
+
+
 def index_range(name: str, t: torch.Tensor, n: int) -> None:
     """Indices in [0, n): checked only with validation on (a host sync)."""
     if validation_enabled() and t.numel() and not torch.compiler.is_compiling():
@@ -72,3 +75,40 @@ def row_major(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.dim() == 0 or t.stride(-1) == 1:
         return t
     return t.contiguous()
+
+
+def encoder(x: torch.Tensor, W_name: str, W: torch.Tensor, vectors, b_dec) -> torch.Tensor:
+    """Checks of an encoder's inputs (x [B, d], W [n, d], per-latent vectors [n], b_dec [d] or None);
+    returns the centred input x - b_dec."""
+    matrix("x", x)
+    floating("x", x)
+    matrix(W_name, W, cols=x.shape[1])
+    floating(W_name, W, x.dtype)
+    same_device(W_name, W, x)
+    for name, t in vectors:
+        vector(name, t, W.shape[0], x)
+    vector("b_dec", b_dec, x.shape[1], x)
+    for name, t in (("x", x), (W_name, W), *vectors, ("b_dec", b_dec)):
+        finite(name, t)
+    return x if b_dec is None else x - b_dec
+
+
+def k_of(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
+        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+
+
+def capacity(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"capacity must be None or an int >= 1, got {value!r}")
+
+
+def code(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> None:
+    """A SparseCode [B, K] against the decoder W_dec [n, d] it indexes."""
+    matrix("W_dec", W_dec)
+    floating("W_dec", W_dec)
+    matrix("code.values", values)
+    floating("code.values", values, W_dec.dtype)
+    same_device("code.values", values, W_dec)
+    _indices("code.indices", indices, tuple(values.shape), W_dec)
+    index_range("code.indices", indices, W_dec.shape[0])
