@@ -37,6 +37,9 @@ class MatryoshkaSAE(_PrefixSAE):
     """Nested dictionaries: prefix sizes `prefixes` (increasing, the last = d_sae) with `prefix_weights`
     (default: equal weights summing to 1). Both plain attributes a trainer may change between steps."""
 
+    name = "matryoshka"
+    architecture = "matryoshka_batchtopk"
+
     def __init__(self, d_in: int, d_sae: int, k: int, *, prefixes, prefix_weights=None, **kw):
         super().__init__(d_in, d_sae, k, **kw)
         self.prefixes = [int(m) for m in prefixes]
@@ -62,6 +65,9 @@ class MatryoshkaSAE(_PrefixSAE):
 class OrderedSAE(_PrefixSAE):
     """Every prefix size m = 1..d_sae, with weights `prefix_weights` ([d_sae], p(m) at m - 1; default
     uniform 1 / d_sae), so that earlier latents carry the coarser features in a fixed order."""
+
+    name = "ordered"
+    architecture = "ordered"  # SAELens has no ordered SAE: saved in our layout
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, prefix_weights=None, **kw):
         super().__init__(d_in, d_sae, k, **kw)

@@ -20,6 +20,7 @@ class ReLUSAE(SAE):
     init) the encoder returns every latent (code.k == d_sae) and decode is a dense matmul.
     """
 
+    name = "relu"
     architecture = "standard"
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coeff: float = 1.0, p: float = 1.0, **kw):
@@ -61,6 +62,7 @@ class JumpReLUSAE(SAE):
     Trainer knobs: l0_coeff, bandwidth.
     """
 
+    name = "jumprelu"
     architecture = "jumprelu"
 
     def __init__(
@@ -101,6 +103,7 @@ class GatedSAE(SAE):
     """
 
     has_b_enc = False
+    name = "gated"
     architecture = "gated"
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coeff: float = 1.0, **kw):

@@ -29,6 +29,7 @@ class TopKSAE(SAE):
     Trainer knobs: aux_k (dead latents per token in AuxK, default d_in // 2), aux_coeff (default 1/32).
     """
 
+    name = "topk"  # the key in sae.registry.ARCHITECTURES
     architecture = "topk"
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, aux_k: int | None = None, aux_coeff: float = 1 / 32, **kw):
@@ -80,6 +81,7 @@ class BatchTopKSAE(TopKSAE):
     eval mode also selects per batch.
     """
 
+    name = "batchtopk"
     architecture = "batchtopk"
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_beta: float = 0.999, **kw):
