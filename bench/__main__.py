@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from . import report
-from .cases import CHECK_ROWS, DTYPES, GPU_REFERENCE, LARGEST_N, OPS, family_shapes, select_ops, suite_shapes
-from .providers import PROVIDERS, providers_named
+from .inputs import CHECK_ROWS
+from .ops import LARGEST_N, OPS, providers_named, select_ops
+from .providers_topk import PROVIDERS
+from .shapes import DTYPES, GPU_REFERENCE, family_shapes, suite_shapes
 from .suite import Run, execute
 
 

@@ -7,8 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .cases import OPS
-from .providers import BASELINES, PROVIDERS
+from .ops import OPS
+from .providers_topk import BASELINES, PROVIDERS
 
 COLORS = dict(zip(PROVIDERS, ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
 LABELS = {"ours": "ours", "dense": "dense PyTorch", "torch_sparse": "PyTorch-sparse", "chunked": "chunked",
@@ -176,7 +176,7 @@ def _plot(doc: dict, group: list[dict], metric, ylabel: str, title: str, path: P
     return True
 
 
-# op groups (cases.Op.group): file name infix and title
+# op groups (ops.Op.group): file name infix and title
 PLOT_GROUPS = {"topk": ("", "TopK ops"), "threshold": ("-threshold", "threshold families (encode, training step)"),
                "forward": ("-forward", "inference forward model(x) per SAE class")}  # fmt: skip
 

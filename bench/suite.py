@@ -12,8 +12,11 @@ import torch
 import kernels
 
 from . import largest, measure
-from .cases import OPS, Inputs, Shape, check, estimate_bytes
-from .providers import BASELINES, Provider
+from .inputs import Inputs
+from .ops import OPS, check, estimate_bytes
+from .providers import Provider
+from .providers_topk import BASELINES
+from .shapes import Shape
 
 
 class Progress:

@@ -15,18 +15,14 @@ import torch
 import kernels
 from bench import measure
 from bench.__main__ import main
-from bench.cases import GPU_REFERENCE, OPS, CheckError, Inputs, Shape, build
-from bench.providers import (
-    FAMILY_PROVIDERS,
-    PROVIDERS,
-    Dense,
-    DenseGated,
-    DenseGlobal,
-    Ours,
-    OursBatchTopK,
-    OursJumpReLU,
-    TorchSparse,
-)
+from bench.inputs import Inputs
+from bench.ops import FAMILIES, FORWARDS, OPS, build
+from bench.oracle import CheckError
+from bench.providers import preactivations
+from bench.providers_threshold import FAMILY_PROVIDERS, DenseGated, DenseGlobal, OursBatchTopK, OursJumpReLU
+from bench.providers_topk import PROVIDERS, Dense, Ours, TorchSparse
+from bench.shapes import GPU_REFERENCE, Shape
+from sae.registry import ARCHITECTURES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = GPU_REFERENCE if DEVICE == "cuda" else Shape(B=64, d=48, n=640, k=8, dtype="float32")
@@ -126,7 +122,7 @@ class ZeroThreshold(DenseGlobal):
     """Forgets the global inference threshold (a ReLU forward)."""
 
     def encode(self, x):
-        return torch.relu(self.z(x, self.p.b_enc)), None
+        return torch.relu(preactivations(self.p, x, self.p.b_enc)), None
 
 
 WRONG = [
@@ -176,6 +172,19 @@ def test_family_thresholds_give_l0_near_k(inputs):
     with torch.no_grad():
         code = OursJumpReLU(inputs.params, inputs.fam).encode(inputs.x)
     assert 0.5 * SHAPE.k <= float(code.l0.mean()) <= 2 * SHAPE.k
+
+
+def test_every_registered_class_has_its_forward_case(inputs):
+    """The forward cases follow sae.registry: one per class, run by ours (that very class) and dense."""
+    assert set(FORWARDS) == set(ARCHITECTURES) and set(FAMILIES) <= set(ARCHITECTURES)
+    for arch, sae_class in ARCHITECTURES.items():
+        op = f"forward_{arch}"
+        assert OPS[op].doc.startswith(f"{sae_class.__name__}(x)")
+        runners = [c for c in (*PROVIDERS.values(), *FAMILY_PROVIDERS) if op in c.ops]
+        names = [c.name for c in runners]
+        assert {"ours", "dense"} <= set(names) and len(names) == len(set(names)), op
+        ours = runners[names.index("ours")](inputs.params, inputs.fam)
+        assert type(ours.model) is sae_class
 
 
 TINY = ["--device", "cpu", "--n", "256,512", "--d", "32", "--k", "4", "--batch", "64"]
