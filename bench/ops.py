@@ -33,12 +33,18 @@ def _grads(out, wrt, grad_out):
     return torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
 
 
-def setup_encode(P: Provider, I: Inputs):
+def _no_grad(fn, arg):
+    """The timed call fn(arg), without autograd."""
+
     def run():
         with torch.no_grad():
-            return P.encode(I.x)
+            return fn(arg)
 
     return run
+
+
+def setup_encode(P: Provider, I: Inputs):
+    return _no_grad(P.encode, I.x)
 
 
 def setup_encode_bwd(P: Provider, I: Inputs):
@@ -49,13 +55,7 @@ def setup_encode_bwd(P: Provider, I: Inputs):
 
 
 def setup_decode(P: Provider, I: Inputs):
-    act = P.make_act(I.code.values, I.code.indices)
-
-    def run():
-        with torch.no_grad():
-            return P.decode(act)
-
-    return run
+    return _no_grad(P.decode, P.make_act(I.code.values, I.code.indices))
 
 
 def setup_decode_bwd(P: Provider, I: Inputs):
@@ -78,11 +78,7 @@ def setup_step(P: Provider, I: Inputs):
 
 
 def setup_forward(P: Provider, I: Inputs):
-    def run():
-        with torch.no_grad():
-            return P.forward(I.x)
-
-    return run
+    return _no_grad(P.forward, I.x)
 
 
 # ---- work models: (shape, touched rows U) -> FLOPs, or bytes that must move -----------------------------

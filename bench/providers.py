@@ -87,8 +87,27 @@ def preactivations(p: Params, x: torch.Tensor, b: torch.Tensor | None) -> torch.
     return u if b is None else u + b
 
 
-def bind(model: nn.Module, tensors: dict) -> nn.Module:
-    """A model built on the meta device, given the shared tensors (parameters and buffers) by name."""
-    for name, t in tensors.items():
-        setattr(model, name, t)
-    return model
+class SAEProvider(Provider):
+    """ "ours": an `sae` class over the shared weights. `make_model` builds it on the meta device; it is then
+    given the shared tensors (`named()`, and `buffers()`) by name, so it holds no weights of its own."""
+
+    name = "ours"
+
+    def __init__(self, p: Params, fam: FamilyParams | None = None):
+        super().__init__(p, fam)
+        n, d = p.W_enc.shape
+        self.model = self.make_model(d, n, p.k, p.W_enc.dtype)
+        for name, t in {**self.named(), **self.buffers()}.items():
+            setattr(self.model, name, t)
+
+    def make_model(self, d: int, n: int, k: int, dtype: torch.dtype) -> nn.Module:
+        raise NotImplementedError
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def run(self, x):
+        return self.model.run(x)
+
+    def forward(self, x):
+        return self.model(x)

@@ -19,15 +19,7 @@ from kernels import SparseCode, reference
 from sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, OrderedSAE, ReLUSAE
 
 from .inputs import BANDWIDTH, SPARSITY_COEFF, FamilyParams, Params
-from .providers import Provider, bind, mse, preactivations
-
-
-class _Family(Provider):
-    """A provider of the threshold families or of a forward; `dense` gives its activations for the checks."""
-
-    def dense(self, act) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(f [B, n], the gated SAE's ReLU(pi_g) [B, n] or None), differentiable in the values."""
-        raise NotImplementedError
+from .providers import Provider, SAEProvider, mse, preactivations
 
 
 def _densify(code: SparseCode, n: int) -> torch.Tensor:
@@ -39,21 +31,8 @@ def _densify(code: SparseCode, n: int) -> torch.Tensor:
     return code.to_dense(n)
 
 
-class _OursFamily(_Family):
+class _OursFamily(SAEProvider):
     """An `sae` class over the shared weights: its fused encoder, its loss, and `model(x)`."""
-
-    name = "ours"
-
-    def __init__(self, p: Params, fam: FamilyParams | None = None):
-        super().__init__(p, fam)
-        n, d = p.W_enc.shape
-        self.model = bind(self.make_model(d, n, p.k, p.W_enc.dtype), {**self.named(), **self.buffers()})
-
-    def make_model(self, d: int, n: int, k: int, dtype: torch.dtype):
-        raise NotImplementedError
-
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return {}
 
     def dense(self, act):
         n = self.p.W_enc.shape[0]
@@ -66,12 +45,6 @@ class _OursFamily(_Family):
 
     def loss(self, x):
         return self.model.loss(x)["loss"]
-
-    def run(self, x):
-        return self.model.run(x)
-
-    def forward(self, x):
-        return self.model(x)
 
 
 class _ReLUParams:
@@ -177,7 +150,7 @@ class OursOrdered(_OursGlobal):
         return OrderedSAE(d, n, k, dtype=dtype, device="meta")
 
 
-class _DenseFamily(_Family):
+class _DenseFamily(Provider):
     """Dense PyTorch, as SAELens runs it: z [B, n], the activation on z, f [B, n] @ W_dec.
 
     act = (f [B, n], extra): extra is the gated SAE's ReLU(pi_g), JumpReLU's l0 [B], else None."""
@@ -252,7 +225,7 @@ class DenseGlobal(_DenseFamily):
         return z * (z > self.fam.q), None
 
 
-FAMILY_PROVIDERS: tuple[type[_Family], ...] = (
+FAMILY_PROVIDERS: tuple[type[Provider], ...] = (
     OursReLU, DenseReLU, OursJumpReLU, DenseJumpReLU, OursGated, DenseGated, OursBatchTopK, DenseBatchTopK,
     OursBatchTopKEval, OursMatryoshka, OursOrdered, DenseGlobal,
 )  # fmt: skip

@@ -13,30 +13,27 @@ from kernels import SparseCode
 from sae import TopKSAE
 
 from .inputs import FamilyParams, Params
-from .providers import Provider, bind, preactivations
+from .providers import Provider, SAEProvider, preactivations
 
 TOPK_OPS = ("encode", "encode_bwd", "decode", "decode_bwd", "step")
 
 
-class Ours(Provider):
+class Ours(SAEProvider):
     """sae.TopKSAE: the fused Triton encoder and sparse decode (CPU tensors: the kernels' torch backend)."""
 
-    name = "ours"
     ops = (*TOPK_OPS, "forward_topk")
 
-    def __init__(self, p: Params, fam: FamilyParams | None = None):
-        super().__init__(p, fam)
-        n, d = p.W_enc.shape
-        self.model = bind(TopKSAE(d, n, p.k, dtype=p.W_enc.dtype, device="meta"), self.named())
-
-    def run(self, x):
-        return self.model.run(x)
-
-    def forward(self, x):
-        return self.model(x)
+    def make_model(self, d, n, k, dtype):
+        return TopKSAE(d, n, k, dtype=dtype, device="meta")
 
     def encode(self, x):
         return self.model.encode_sparse(x)
+
+    def sparse(self, code):
+        return code.values, code.indices
+
+    def grad_tensor(self, code):
+        return code.values
 
     def make_act(self, values, indices):
         return SparseCode(values, indices)

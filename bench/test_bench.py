@@ -22,6 +22,7 @@ from bench.providers import preactivations
 from bench.providers_threshold import FAMILY_PROVIDERS, DenseGated, DenseGlobal, OursBatchTopK, OursJumpReLU
 from bench.providers_topk import PROVIDERS, Dense, Ours, TorchSparse
 from bench.shapes import GPU_REFERENCE, Shape
+from kernels import SparseCode
 from sae.registry import ARCHITECTURES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,16 +64,16 @@ class ShiftedIndices(Ours):
     """Selects the neighbour of every latent: a wrong encoder."""
 
     def encode(self, x):
-        values, indices = super().encode(x)
-        return values, (indices + 1) % self.p.W_enc.shape[0]
+        code = super().encode(x)
+        return SparseCode(code.values, (code.indices + 1) % self.p.W_enc.shape[0])
 
 
 class ScaledGradient(Ours):
     """Right forward, backward 1.5x too large."""
 
     def encode(self, x):
-        values, indices = super().encode(x)
-        return values.detach() + 1.5 * (values - values.detach()), indices
+        code = super().encode(x)
+        return SparseCode(code.values.detach() + 1.5 * (code.values - code.values.detach()), code.indices)
 
 
 class ScaledDecode(Dense):
