@@ -1,7 +1,7 @@
 """Providers: the same SAE implemented several ways, all over one set of shared weights (inputs.Params).
 
 A provider wraps the shared `Params` and gives the suite five primitives:
-  encode(x) -> act            x: [B, d] -> its native activations (a dense [B, n] matrix or (values, indices))
+  encode(x) -> act            x: [B, d] -> its native activations (a dense [B, n] matrix, or a code)
   sparse(act) -> (values [B, k], indices [B, k])   the selection; values stay differentiable (for checks)
   grad_tensor(act)            the tensor the encoder's output gradient flows into (values, or the dense f)
   make_act(values, indices)   a given code in the provider's native form
@@ -12,8 +12,8 @@ used). `ops` lists the benchmark ops a provider runs; `unavailable()` says why i
 
 The providers by op family:
   providers_topk.py       TopK: ours (sae.TopKSAE), dense, torch_sparse, chunked, sparsify (`PROVIDERS`)
-  providers_threshold.py  ReLU, JumpReLU, gated, BatchTopK, and every `sae` class's inference forward
-                          (`FAMILY_PROVIDERS`: "ours" and "dense" per family)
+  providers_threshold.py  ReLU, JumpReLU, gated, BatchTopK, and the inference forward of every other `sae`
+                          class (`FAMILY_PROVIDERS`: "ours" and "dense" per family)
 
 Adding an activation family: its providers in providers_threshold.py, its reference in oracle.family_ref, and
 its ops in ops.py (the checks in checks_threshold.py apply to every threshold rule). Decode ops are shared.
