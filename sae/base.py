@@ -5,8 +5,11 @@ Weights are latent-major: W_enc [d_sae, d_in], W_dec [d_sae, d_out]; optional sk
 
 Pipeline (forward and loss): rows -> normalise -> encode -> decode (+ skip) -> undo the normalisation.
 Normalisation, as in SAELens: "none"; "layer_norm" ((x - mean) / (std + 1e-5), per token, unbiased std);
-"constant_norm_rescale" (x * sqrt(d_in) / ||x||, per token); then a constant `act_scale` (the dataset-wide
-activation scale, "expected_average_only_in"). Losses are measured in the normalised space.
+"constant_norm_rescale" (x * sqrt(d_in) / ||x||, per token); "expected_average_only_in" (nothing at run time:
+the inputs were scaled by a dataset-wide constant); then a constant `act_scale` (that dataset-wide scale, when the
+model applies it itself). Losses are measured in the normalised space.
+reshape_activations="hook_z" (SAELens): inputs may be [..., n_heads, d_head] with n_heads * d_head = d_in; they are
+flattened, and outputs come back in the input's shape.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from torch import nn
 import kernels
 from kernels import SparseCode
 
+from . import metrics
+
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+RESHAPES = ("none", "hook_z")
 LN_EPS = 1e-5
 
 
@@ -37,7 +43,10 @@ class SAE(nn.Module):
     """
 
     has_b_enc = True  # gated SAEs have b_gate / b_mag instead
-    architecture = "standard"  # the SAELens architecture name `save` writes
+    name = ""  # the key in sae.registry.ARCHITECTURES
+    architecture = "standard"  # the SAELens architecture name `sae.save` writes
+    saelens_aliases: tuple[str, ...] = ()  # other SAELens architecture names read as this class
+    file_names: dict[str, str] = {}  # our tensor name -> its name in SAELens files, where they differ
 
     def __init__(
         self,
@@ -49,6 +58,7 @@ class SAE(nn.Module):
         apply_b_dec_to_input: bool | None = None,
         normalize_activations: str = "none",
         act_scale: float = 1.0,
+        reshape_activations: str = "none",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -62,10 +72,15 @@ class SAE(nn.Module):
             raise ValueError(f"apply_b_dec_to_input needs d_out == d_in, got d_in={d_in}, d_out={d_out}")
         if normalize_activations not in NORMALIZATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got {normalize_activations!r}")
+        if reshape_activations not in RESHAPES:
+            raise ValueError(f"reshape_activations must be one of {RESHAPES}, got {reshape_activations!r}")
+        if reshape_activations == "hook_z" and d_out != d_in:
+            raise ValueError(f"reshape_activations='hook_z' needs d_out == d_in, got d_in={d_in}, d_out={d_out}")
         self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
         self.normalize_activations = normalize_activations
         self.act_scale = float(act_scale)
+        self.reshape_activations = reshape_activations
         kw = {"dtype": dtype or torch.float32, "device": device}
         W_dec = torch.randn(d_sae, d_out, dtype=torch.float32, device=device)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -91,13 +106,33 @@ class SAE(nn.Module):
         return self.W_enc.device
 
     def _rows(self, x: torch.Tensor, dim: str = "d_in", name: str = "x") -> torch.Tensor:
-        """[..., d] -> [B, d] in the parameters' dtype; dim names d ("d_in" or "d_out")."""
+        """[..., d] (or [..., n_heads, d_head] under hook_z) -> [B, d] in the parameters' dtype; dim names d."""
         d = getattr(self, dim)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if self._heads(x, d):
+            return x.reshape(-1, d).to(self.dtype)
         if x.dim() == 0 or x.shape[-1] != d:
-            raise ValueError(f"{name} must have last dimension {dim}={d}, got shape {tuple(x.shape)}")
+            hint = (
+                " or [..., n_heads, d_head] with n_heads * d_head = d_in"
+                if self.reshape_activations == "hook_z"
+                else ""
+            )
+            raise ValueError(f"{name} must have last dimension {dim}={d}{hint}, got shape {tuple(x.shape)}")
         return x.reshape(-1, d).to(self.dtype)
+
+    def _heads(self, x: torch.Tensor, d: int) -> bool:
+        """Whether x is [..., n_heads, d_head] (hook_z) rather than [..., d]."""
+        hooked = self.reshape_activations == "hook_z" and x.dim() >= 2 and x.shape[-1] != d
+        return hooked and x.shape[-2] * x.shape[-1] == d
+
+    def _lead(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The leading (token) dimensions of an input x."""
+        return tuple(x.shape[:-2] if self._heads(x, self.d_in) else x.shape[:-1])
+
+    def _shape_out(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the reconstruction of x: x's own shape under hook_z, else [..., d_out]."""
+        return tuple(x.shape) if self._heads(x, self.d_in) else (*x.shape[:-1], self.d_out)
 
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """x [B, d_in] -> (normalised x, state) with x = xn * state[0] + state[1] (per token)."""
@@ -153,9 +188,7 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense activations [..., d_sae] (for compatibility; allocates B x d_sae)."""
-        code = self.encode_sparse(x)
-        dense = code.values.new_zeros(code.values.shape[0], self.d_sae).scatter_add(1, code.indices.long(), code.values)
-        return dense.reshape(*x.shape[:-1], self.d_sae)
+        return self.encode_sparse(x).to_dense(self.d_sae).reshape(*self._lead(x), self.d_sae)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """[B, d_out] = b_dec + sum of the code's W_dec rows (in the normalised space, no skip)."""
@@ -168,14 +201,14 @@ class SAE(nn.Module):
     def run(
         self, x: torch.Tensor, *, edit: Callable[[SparseCode], SparseCode] | None = None
     ) -> tuple[SparseCode, torch.Tensor]:
-        """x: [..., d_in] -> (code [B, K], x_hat [..., d_out] in x.dtype); `edit` may change the code before
-        it is decoded (steering)."""
+        """x: [..., d_in] -> (code [B, K], x_hat [..., d_out] in x.dtype; x's shape under hook_z); `edit` may
+        change the code before it is decoded (steering)."""
         xn, state = self._normalize(self._rows(x))
         code = self._encode(xn)
         if edit is not None:
             code = edit(code)
         out = self._denormalize(self._output(code, xn), state)
-        return code, out.reshape(*x.shape[:-1], self.d_out).to(x.dtype)
+        return code, out.reshape(self._shape_out(x)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., d_in] -> x_hat: [..., d_out]."""
@@ -201,23 +234,11 @@ class SAE(nn.Module):
             y = self._normalize_like(self._rows(target, "d_out", "target"), state)
         code, info = self._encode_info(xn)
         y_hat = self._output(code, xn)
-        err = (y_hat.float() - y.float()).pow(2).sum(-1)
-        mse = err.mean()
-        parts = {
-            "loss": mse,
-            "mse": mse,
-            "fvu": err.sum() / self._variance(y),
-            "l0": (code.values != 0).sum(-1).float().mean(),
-        }
+        mse = metrics.mse(y, y_hat)
+        parts = {"loss": mse, "mse": mse, "fvu": metrics.fvu(y, y_hat), "l0": metrics.l0(code)}
         self._add_losses(parts, xn=xn, y=y, code=code, info=info, y_hat=y_hat, dead_mask=dead_mask)
         parts["code"] = SparseCode(code.values.detach(), code.indices)  # for firing statistics
         return parts
-
-    @staticmethod
-    def _variance(y: torch.Tensor) -> torch.Tensor:
-        """sum ||y - mean(y)||^2 over the batch (fp32, never 0)."""
-        y = y.float()
-        return (y - y.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
     def _add_losses(self, parts: dict, **ctx) -> None:
         """Add the architecture's terms to parts (and to parts["loss"])."""
@@ -254,22 +275,34 @@ class SAE(nn.Module):
         self.act_scale = 1.0
 
     def config(self) -> dict:
-        """The hyperparameters that rebuild this model (besides its weights)."""
+        """Every constructor argument but dtype and device: what rebuilds this model besides its tensors.
+
+        The one list of a class's hyperparameters: `sae.save` writes it and `sae.load` passes it back.
+        """
         return {
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "d_out": self.d_out,
+            "skip": self.W_skip is not None,
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": self.normalize_activations,
             "act_scale": self.act_scale,
-            "skip": self.W_skip is not None,
+            "reshape_activations": self.reshape_activations,
         }
 
-    def save(self, path, format: str = "saelens") -> None:
-        """Write the model to `path` (a folder; SAELens layout), atomically per file."""
-        from .formats import save
+    # SAELens's names for this class's facts (sae.formats.saelens reads and writes them)
 
-        save(self, path, format=format)
+    def saelens_architecture(self) -> str:
+        return self.architecture
+
+    def saelens_fields(self) -> dict:
+        """The SAELens cfg fields of this class beyond the base ones (d_in, d_sae, normalisation, ...)."""
+        return {}
+
+    @classmethod
+    def config_from_saelens(cls, cfg: dict) -> dict:
+        """Constructor arguments beyond the base ones, from a SAELens cfg.json."""
+        return {}
 
     def extra_repr(self) -> str:
         out = f"d_in={self.d_in}, d_sae={self.d_sae}"

@@ -1,4 +1,4 @@
-"""Checkpoints written atomically (temp file + fsync + rename), so a kill never leaves a torn file."""
+"""Checkpoints written atomically (sae.atomic), so a kill never leaves a torn file."""
 
 from __future__ import annotations
 
@@ -8,20 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
+
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save(obj) to path through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -40,7 +29,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(state: dict, folder: str | os.PathLike, step: int, *, keep: int = 2) -> Path:
     """Write folder/ckpt-<step>.pt atomically, then delete all but the `keep` newest checkpoints."""
-    path = atomic_save(state, Path(folder) / f"ckpt-{step:09d}.pt")
+    path = atomic_write(Path(folder) / f"ckpt-{step:09d}.pt", lambda tmp: torch.save(state, tmp))
     for _, old in checkpoints(folder)[: max(0, len(checkpoints(folder)) - keep)]:
         old.unlink(missing_ok=True)
     return path

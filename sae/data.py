@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 SHARD_SUFFIXES = (".npy", ".safetensors")
 
 
@@ -139,21 +141,21 @@ def _to_torch(rows: np.ndarray, bf16: bool) -> torch.Tensor:
 def write_shard(path: str | os.PathLike, acts: torch.Tensor) -> Path:
     """Write acts [N, d] as one .npy or .safetensors shard (by suffix), atomically (temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     acts = acts.detach().cpu().contiguous()
     if path.suffix == ".npy":
         if acts.dtype == torch.bfloat16:
             raise ValueError(".npy cannot hold bf16: use .safetensors or convert to float32")
-        with open(tmp, "wb") as f:
-            np.save(f, acts.numpy())
-    elif path.suffix == ".safetensors":
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # np.save(str) would append ".npy" to the temporary name
+                np.save(f, acts.numpy())
+
+        return atomic_write(path, write)
+    if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({"activations": acts}, str(tmp))
-    else:
-        raise ValueError(f"{path}: unknown shard format (expected one of {SHARD_SUFFIXES})")
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, lambda tmp: save_file({"activations": acts}, tmp))
+    raise ValueError(f"{path}: unknown shard format (expected one of {SHARD_SUFFIXES})")
 
 
 class ShardSource(Source):

@@ -24,7 +24,7 @@ from .base import SAE
 def _steer(code: SparseCode, clamp: dict, add: dict) -> SparseCode:
     """Zero the clamped latents' slots, then append one slot per clamped or added latent (decode is linear,
     so an appended slot adds value * W_dec row)."""
-    values, indices = code
+    values, indices = code.values, code.indices
     B = values.shape[0]
     if clamp:
         ids = torch.tensor(list(clamp), device=indices.device, dtype=indices.dtype)

@@ -27,7 +27,8 @@ class _PrefixSAE(BatchTopKSAE):
     def _add_losses(self, parts, *, xn, y, code, **ctx):
         target = y if self.W_skip is None else y - xn @ self.W_skip.T
         weights = self._size_weights().to(self.device)
-        prefix = kernels.prefix_losses(code, self.W_dec, self.b_dec, target.to(self.dtype), weights).mean()
+        W_dec = self._weights()[2]
+        prefix = kernels.prefix_losses(code, W_dec, self.b_dec, target.to(self.dtype), weights).mean()
         parts["prefix"] = prefix
         parts["loss"] = prefix
         super()._add_losses(parts, xn=xn, y=y, code=code, **ctx)
@@ -61,23 +62,32 @@ class MatryoshkaSAE(_PrefixSAE):
     def config(self) -> dict:
         return {**super().config(), "prefixes": self.prefixes, "prefix_weights": self.prefix_weights}
 
+    def saelens_fields(self) -> dict:
+        return {**super().saelens_fields(), "matryoshka_widths": self.prefixes}
+
+    @classmethod
+    def config_from_saelens(cls, cfg: dict) -> dict:
+        """SAELens adds every level's loss with weight 1 and appends d_sae as the last width if missing."""
+        widths = [int(w) for w in cfg.get("matryoshka_widths", [])]
+        if not widths or widths[-1] != cfg["d_sae"]:
+            widths.append(int(cfg["d_sae"]))
+        return {**super().config_from_saelens(cfg), "prefixes": widths, "prefix_weights": [1.0] * len(widths)}
+
 
 class OrderedSAE(_PrefixSAE):
-    """Every prefix size m = 1..d_sae, with weights `prefix_weights` ([d_sae], p(m) at m - 1; default
-    uniform 1 / d_sae), so that earlier latents carry the coarser features in a fixed order."""
+    """Every prefix size m = 1..d_sae, with weights `prefix_weights` ([d_sae] fp32 buffer, p(m) at m - 1;
+    default uniform 1 / d_sae), so that earlier latents carry the coarser features in a fixed order. The
+    weights are a tensor, so they travel with the model's tensors, not with config()."""
 
     name = "ordered"
     architecture = "ordered"  # SAELens has no ordered SAE: saved in our layout
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, prefix_weights=None, **kw):
         super().__init__(d_in, d_sae, k, **kw)
-        if prefix_weights is None:
-            prefix_weights = torch.full((d_sae,), 1.0 / d_sae)
-        self.prefix_weights = torch.as_tensor(prefix_weights, dtype=torch.float32)
-        self._size_weights()
+        w = torch.full((d_sae,), 1.0 / d_sae) if prefix_weights is None else torch.as_tensor(prefix_weights)
+        if w.shape != (d_sae,):
+            raise ValueError(f"prefix_weights must have shape ({d_sae},), got {tuple(w.shape)}")
+        self.register_buffer("prefix_weights", w.to(torch.float32).to(self.device))
 
     def _size_weights(self) -> torch.Tensor:
-        w = torch.as_tensor(self.prefix_weights, dtype=torch.float32)
-        if w.shape != (self.d_sae,):
-            raise ValueError(f"prefix_weights must have shape ({self.d_sae},), got {tuple(w.shape)}")
-        return w
+        return self.prefix_weights

@@ -22,6 +22,7 @@ class ReLUSAE(SAE):
 
     name = "relu"
     architecture = "standard"
+    saelens_aliases = ("transcoder", "skip_transcoder")
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coeff: float = 1.0, p: float = 1.0, **kw):
         super().__init__(d_in, d_sae, **kw)
@@ -34,9 +35,8 @@ class ReLUSAE(SAE):
     def decode(self, code: SparseCode) -> torch.Tensor:
         if code.k != self.d_sae:
             return super().decode(code)
-        # The dense layout: scatter (exact for any slot order) and one matmul.
-        f = code.values.new_zeros(code.values.shape[0], self.d_sae).scatter_add(1, code.indices.long(), code.values)
-        return torch.addmm(self.b_dec, f.to(self.dtype), self.W_dec)
+        # The dense layout (every latent a slot): one matmul.
+        return torch.addmm(self.b_dec, code.to_dense(self.d_sae).to(self.dtype), self.W_dec)
 
     def penalty(self, code: SparseCode, p: float) -> torch.Tensor:
         """Un-scaled L_p penalty: mean over tokens of sum_i f_i^p ||W_dec,i|| (fp32 scalar)."""
@@ -54,6 +54,11 @@ class ReLUSAE(SAE):
     def config(self) -> dict:
         return {**super().config(), "l1_coeff": self.l1_coeff, "p": self.p}
 
+    def saelens_architecture(self) -> str:
+        if self.W_skip is not None:
+            return "skip_transcoder"
+        return "transcoder" if self.d_out != self.d_in else "standard"
+
 
 class JumpReLUSAE(SAE):
     """f = z H(z - threshold); loss = ||y - y_hat||^2 + l0_coeff * L0, with straight-through gradients of
@@ -64,6 +69,7 @@ class JumpReLUSAE(SAE):
 
     name = "jumprelu"
     architecture = "jumprelu"
+    saelens_aliases = ("jumprelu_transcoder",)
 
     def __init__(
         self, d_in: int, d_sae: int, *, l0_coeff: float = 1.0, bandwidth: float = 0.001, init_threshold=0.001, **kw
@@ -71,13 +77,14 @@ class JumpReLUSAE(SAE):
         super().__init__(d_in, d_sae, **kw)
         self.l0_coeff = l0_coeff
         self.bandwidth = bandwidth
+        self.init_threshold = float(init_threshold)
         self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold), dtype=self.dtype, device=self.device))
 
     def _encode_info(self, xn: torch.Tensor):
         out = kernels.jumprelu_encode(
             xn, self.W_enc, self.b_enc, self.threshold, bandwidth=self.bandwidth, b_dec=self._centre()
         )
-        return out.code, out.l0
+        return out, out.l0
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:
         return self._encode_info(xn)[0]
@@ -92,7 +99,15 @@ class JumpReLUSAE(SAE):
         self.threshold.copy_(self.threshold.float() * s)
 
     def config(self) -> dict:
-        return {**super().config(), "l0_coeff": self.l0_coeff, "bandwidth": self.bandwidth}
+        return {
+            **super().config(),
+            "l0_coeff": self.l0_coeff,
+            "bandwidth": self.bandwidth,
+            "init_threshold": self.init_threshold,
+        }
+
+    def saelens_architecture(self) -> str:
+        return "jumprelu_transcoder" if self.d_out != self.d_in else "jumprelu"
 
 
 class GatedSAE(SAE):
@@ -116,7 +131,7 @@ class GatedSAE(SAE):
 
     def _encode_info(self, xn: torch.Tensor):
         out = kernels.gated_encode(xn, self.W_enc, self.b_gate, self.r_mag, self.b_mag, b_dec=self._centre())
-        return out.code, out.gate
+        return out, SparseCode(out.gate, out.indices)
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:
         return self._encode_info(xn)[0]

@@ -5,6 +5,8 @@ BatchTopK:  training: the B k largest entries of ReLU(Z) over the batch; inferen
             with one global threshold theta, an EMA of the smallest kept value (updated in training mode)
 AuxK:       e = sg(y - y_hat); e_hat = TopK_aux(z over the dead latents) W_dec;
             aux = ||e - e_hat||^2 / ||e - mean(e)||^2 (sums over the batch)
+rescale_acts_by_decoder_norm (SAELens): z_i is multiplied by ||W_dec,i|| before the selection and f_i divided
+            by it before decoding, i.e. the model runs with its decoder norms folded in (`_weights`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,10 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels import SparseCode
+from kernels import SparseCode, validate
 
+from . import metrics
 from .base import SAE
-
-
-def _check_k(k, d_sae: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= d_sae:
-        raise ValueError(f"k must be an int in [1, d_sae={d_sae}], got {k!r}")
 
 
 class TopKSAE(SAE):
@@ -32,15 +30,39 @@ class TopKSAE(SAE):
     name = "topk"  # the key in sae.registry.ARCHITECTURES
     architecture = "topk"
 
-    def __init__(self, d_in: int, d_sae: int, k: int, *, aux_k: int | None = None, aux_coeff: float = 1 / 32, **kw):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        *,
+        aux_k: int | None = None,
+        aux_coeff: float = 1 / 32,
+        rescale_acts_by_decoder_norm: bool = False,
+        **kw,
+    ):
         super().__init__(d_in, d_sae, **kw)
-        _check_k(k, d_sae)
+        validate.k_of(k, d_sae)
         self.k = k
         self.aux_k = max(1, d_in // 2) if aux_k is None else aux_k
         self.aux_coeff = aux_coeff
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(W_enc, b_enc, W_dec) as the kernels see them: with rescale_acts_by_decoder_norm, the decoder
+        norms n folded in (W_enc n, b_enc n, W_dec / n), differentiably; else the parameters."""
+        if not self.rescale_acts_by_decoder_norm:
+            return self.W_enc, self.b_enc, self.W_dec
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        b = None if self.b_enc is None else self.b_enc * norms[:, 0]
+        return self.W_enc * norms, b, self.W_dec / norms
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:
-        return kernels.topk_encode(xn, self.W_enc, self.b_enc, self.k, b_dec=self._centre())
+        W, b, _ = self._weights()
+        return kernels.topk_encode(xn, W, b, self.k, b_dec=self._centre())
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        return kernels.sparse_decode(code, self._weights()[2], self.b_dec)
 
     def _add_losses(self, parts, *, xn, y, y_hat, dead_mask, **_):
         if dead_mask is None:
@@ -61,14 +83,36 @@ class TopKSAE(SAE):
         if dead.numel() == 0:
             return residual.new_zeros((), dtype=torch.float32)
         k_aux = min(self.aux_k, dead.numel())
-        b = None if self.b_enc is None else self.b_enc[dead]
-        code = kernels.topk_encode(xn, self.W_enc[dead], b, k_aux, b_dec=self._centre())
+        W_enc, b_enc, W_dec = self._weights()
+        b = None if b_enc is None else b_enc[dead]
+        code = kernels.topk_encode(xn, W_enc[dead], b, k_aux, b_dec=self._centre())
         code = SparseCode(code.values, dead[code.indices.long()].to(torch.int32))
-        e_hat = kernels.sparse_decode(code, self.W_dec, None)
-        return (e_hat.float() - residual.float()).pow(2).sum() / self._variance(residual)
+        return metrics.fvu(residual, kernels.sparse_decode(code, W_dec, None))
+
+    def saelens_fields(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": self.rescale_acts_by_decoder_norm}
+
+    @classmethod
+    def config_from_saelens(cls, cfg: dict) -> dict:
+        k = cfg.get("k")
+        if not isinstance(k, (int, float)) or isinstance(k, bool) or k != int(k):
+            raise ValueError(f"SAELens cfg field k={k!r}: expected a whole number of latents")
+        return {"k": int(k), "rescale_acts_by_decoder_norm": bool(cfg.get("rescale_acts_by_decoder_norm", False))}
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """As SAE.fold_decoder_norms; exact under rescale_acts_by_decoder_norm, which it then turns off."""
+        super().fold_decoder_norms()
+        self.rescale_acts_by_decoder_norm = False
 
     def config(self) -> dict:
-        return {**super().config(), "k": self.k}
+        return {
+            **super().config(),
+            "k": self.k,
+            "aux_k": self.aux_k,
+            "aux_coeff": self.aux_coeff,
+            "rescale_acts_by_decoder_norm": self.rescale_acts_by_decoder_norm,
+        }
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"
@@ -83,6 +127,7 @@ class BatchTopKSAE(TopKSAE):
 
     name = "batchtopk"
     architecture = "batchtopk"
+    file_names = {"threshold": "topk_threshold"}
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_beta: float = 0.999, **kw):
         super().__init__(d_in, d_sae, k, **kw)
@@ -90,12 +135,13 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.tensor(-1.0, device=self.device))
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:
+        W, b, _ = self._weights()
         if self.training or float(self.threshold) < 0:
-            code = kernels.batch_topk_encode(xn, self.W_enc, self.b_enc, self.k, b_dec=self._centre())
+            code = kernels.batch_topk_encode(xn, W, b, self.k, b_dec=self._centre())
             if self.training:
                 self._update_threshold(code.values)
             return code
-        return kernels.batch_topk_inference(xn, self.W_enc, self.b_enc, float(self.threshold), b_dec=self._centre())
+        return kernels.batch_topk_inference(xn, W, b, float(self.threshold), b_dec=self._centre())
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
@@ -106,5 +152,21 @@ class BatchTopKSAE(TopKSAE):
         ema = torch.where(t < 0, low, self.threshold_beta * t + (1 - self.threshold_beta) * low)
         self.threshold.copy_(torch.where(torch.isfinite(low), ema, t))
 
+    @torch.no_grad()
+    def fold_act_scale(self) -> None:
+        """As SAE.fold_act_scale; under rescale_acts_by_decoder_norm the folded decoder norms shrink the
+        compared values by act_scale, so a learned threshold shrinks with them."""
+        c = self.act_scale
+        super().fold_act_scale()
+        if self.rescale_acts_by_decoder_norm:
+            self.threshold.copy_(torch.where(self.threshold >= 0, self.threshold / c, self.threshold))
+
     def config(self) -> dict:
         return {**super().config(), "threshold_beta": self.threshold_beta}
+
+    def saelens_fields(self) -> dict:  # SAELens's EMA: t <- (1 - lr) t + lr * smallest kept value
+        return {**super().saelens_fields(), "topk_threshold_lr": 1 - self.threshold_beta}
+
+    @classmethod
+    def config_from_saelens(cls, cfg: dict) -> dict:
+        return {**super().config_from_saelens(cfg), "threshold_beta": 1 - float(cfg.get("topk_threshold_lr", 0.01))}

@@ -26,6 +26,7 @@ import torch
 from . import metrics
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Source
+from .formats import save
 
 SPARSITY_COEFFS = ("l1_coeff", "l0_coeff")  # scheduled by the sparsity warmup (and p-annealing)
 
@@ -373,7 +374,10 @@ class Trainer:
         return summary
 
     def save_export(self, path: str | Path) -> Path:
-        """Save the model in the SAELens layout (`model.save`, which folds act_scale into the weights)."""
+        """Save the model (`sae.save`) with act_scale folded into its weights, so that every reader of the
+        SAELens layout sees an SAE of raw activations."""
         path = Path(path)
-        self.model.save(path)
+        model = copy.deepcopy(self.model)
+        model.fold_act_scale()
+        save(model, path)
         return path

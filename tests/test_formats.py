@@ -1,6 +1,7 @@
 """Every public format: files written here from the documented layouts (no downloads), loaded by sae.load,
 outputs equal to a float64 reference of that library's forward pass (its centering and normalisation)."""
 
+import inspect
 import json
 import os
 
@@ -10,6 +11,7 @@ import torch
 from helpers import assert_close
 
 import sae
+from sae.registry import ARCHITECTURES
 
 st = pytest.importorskip("safetensors.torch")
 
@@ -102,56 +104,120 @@ def test_saelens_load(tmp_path, case):
     check(model, x, saelens_reference(cfg, t, x), f"SAELens {arch}")
 
 
-@pytest.mark.parametrize("name", ["topk", "relu", "jumprelu", "gated", "transcoder"])
-def test_saelens_save_round_trip_is_bit_identical(tmp_path, name):
-    model = {
-        "topk": lambda: sae.TopKSAE(D, N, K, normalize_activations="layer_norm"),
-        "relu": lambda: sae.ReLUSAE(D, N, dtype=torch.bfloat16, l1_coeff=3.0),
-        "jumprelu": lambda: sae.JumpReLUSAE(D, N, apply_b_dec_to_input=False, bandwidth=0.05),
-        "gated": lambda: sae.GatedSAE(D, N),
-        "transcoder": lambda: sae.ReLUSAE(D, N, d_out=7, skip=True),
-    }[name]()
+NONDEFAULT = {  # a value other than the default for every constructor argument of every registered class
+    "d_out": 7,
+    "skip": True,
+    "apply_b_dec_to_input": False,
+    "normalize_activations": "layer_norm",
+    "act_scale": 2.5,
+    "reshape_activations": "hook_z",
+    "dtype": torch.bfloat16,
+    "k": 3,
+    "aux_k": 2,
+    "aux_coeff": 0.25,
+    "rescale_acts_by_decoder_norm": True,
+    "threshold_beta": 0.9,
+    "prefixes": [5, 17, N],
+    "l1_coeff": 2.0,
+    "p": 0.7,
+    "l0_coeff": 0.3,
+    "bandwidth": 0.05,
+    "init_threshold": 0.02,
+}
+
+
+def constructor_args(cls) -> dict[str, inspect.Parameter]:
+    """Every keyword a class takes, its own and its bases' (through **kw), but d_in and d_sae."""
+    out = {}
+    for c in reversed(cls.__mro__):
+        if issubclass(c, sae.SAE):
+            params = inspect.signature(c.__init__).parameters.values()
+            out |= {p.name: p for p in params if p.kind == p.KEYWORD_ONLY or p.name == "k"}
+    return out
+
+
+def nondefault_model(cls, transcoder: bool):
+    """cls with a non-default value for every argument; the transcoder variant takes d_out and skip (with
+    hook_z off), the other hook_z; tensors random, a BatchTopK threshold learned."""
+    args = constructor_args(cls)
+    kw = {name: NONDEFAULT[name] for name in args if name not in ("device", "prefix_weights")}
+    if "prefix_weights" in args:
+        kw["prefix_weights"] = [0.2, 0.3, 0.5] if cls is sae.MatryoshkaSAE else torch.rand(N)
+    if transcoder:
+        kw["reshape_activations"] = "none"
+    else:
+        del kw["d_out"], kw["skip"]
+    model = cls(D, N, **kw)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p).abs() * 0.1)  # JumpReLU thresholds stay >= 0
-    model.save(tmp_path / "m")
-    model.save(tmp_path / "m")  # overwrite in place
+        for t in [*model.parameters(), *model.buffers()]:
+            t.copy_(t + torch.rand_like(t) * 0.2)  # JumpReLU thresholds stay > 0
+        if isinstance(model, sae.BatchTopKSAE):
+            model.threshold.fill_(0.3)  # learned
+    return model.eval()
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["hook_z", "transcoder"])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_save_round_trip_every_class(tmp_path, name, transcoder):
+    cls = ARCHITECTURES[name]
+    model = nondefault_model(cls, transcoder)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every constructor argument is in config() or travels as one of the model's tensors
+    assert set(constructor_args(cls)) - {"dtype", "device"} <= set(model.config()) | set(tensors)
+    sae.save(model, tmp_path / "m")
+    sae.save(model, tmp_path / "m")  # overwrite in place
     assert sorted(os.listdir(tmp_path / "m")) == ["cfg.json", "sae_weights.safetensors"]  # no temporaries left
     loaded = sae.load(tmp_path / "m")
-    assert type(loaded) is type(model) and loaded.config() == model.config()
-    a, b = dict(model.named_parameters()), dict(loaded.named_parameters())
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    x = rand(6, D)
+    assert type(loaded) is cls and loaded.config() == model.config() and not loaded.training
+    got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert got.keys() == tensors.keys()
+    for k in tensors:
+        assert got[k].dtype == tensors[k].dtype and torch.equal(got[k], tensors[k]), k
+    x = rand(6, 4, 3) if not transcoder else rand(6, D)  # hook_z: [tokens, n_heads, d_head]
     with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
+        out = model(x)
+        assert out.shape == (x.shape if not transcoder else (6, 7))
+        assert torch.equal(out, loaded(x))
 
 
-def test_batchtopk_saves_as_jumprelu(tmp_path):
-    model = sae.BatchTopKSAE(D, N, K)
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka", "ordered"])
+def test_inference_export_is_a_jumprelu(tmp_path, name):
+    """SAELens's inference form: the BatchTopK family as a JumpReLU with the global threshold, with act_scale
+    and the decoder-norm rescaling folded in; the model's own save keeps its class."""
+    model = nondefault_model(ARCHITECTURES[name], transcoder=True).float()  # folding in bf16 would round
     with pytest.raises(ValueError, match="not learned yet"):
-        model.save(tmp_path / "m")
-    model.train()
-    model.encode_sparse(rand(32, D))
-    model.eval()
-    model.save(tmp_path / "m")
+        fresh = ARCHITECTURES[name](D, N, K, **({"prefixes": [N]} if name == "matryoshka" else {}))
+        sae.save(fresh, tmp_path / "fresh", inference=True)
+    sae.save(model, tmp_path / "m", inference=True)
+    cfg = json.loads((tmp_path / "m" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_transcoder"
     loaded = sae.load(tmp_path / "m")
-    assert type(loaded) is sae.JumpReLUSAE
-    assert json.loads((tmp_path / "m" / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert type(loaded) is sae.JumpReLUSAE and loaded.act_scale == 1.0
     x = rand(20, D)
     with torch.no_grad():
-        assert_close(loaded(x), model(x), torch.float32, "BatchTopK inference as JumpReLU")
+        assert_close(loaded(x), model(x), torch.float32, "inference export")
 
 
-def test_save_folds_act_scale(tmp_path):
-    model = sae.ReLUSAE(D, N, act_scale=3.0)
-    model.save(tmp_path / "m")
-    loaded = sae.load(tmp_path / "m")
-    assert loaded.act_scale == 1.0 and model.act_scale == 3.0
-    x = rand(5, D)
-    with torch.no_grad():
-        assert_close(loaded(x), model(x), torch.float32, "folded act_scale")
+def test_saved_cfg_speaks_saelens(tmp_path):
+    """The SAELens fields of our files (SAELens's own loader reads them: tests/fixtures/saelens)."""
+    model = sae.MatryoshkaSAE(D, N, K, prefixes=[8, N], threshold_beta=0.99, act_scale=2.0)
+    sae.save(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "cfg.json").read_text())
+    assert cfg["architecture"] == "matryoshka_batchtopk" and cfg["matryoshka_widths"] == [8, N]
+    assert cfg["k"] == K and cfg["topk_threshold_lr"] == pytest.approx(0.01)
+    assert cfg["normalize_activations"] == "expected_average_only_in"  # act_scale is applied outside SAELens
+    t = st.load_file(str(tmp_path / "m" / "sae_weights.safetensors"))
+    assert sorted(t) == ["W_dec", "W_enc", "b_dec", "b_enc", "topk_threshold"]
+    assert t["W_enc"].shape == (D, N) and t["topk_threshold"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_name_the_file(tmp_path, damage):
+    sae.save(sae.TopKSAE(D, N, K), tmp_path / "m")
+    f = tmp_path / "m" / "sae_weights.safetensors"
+    f.write_bytes(f.read_bytes()[:100] if damage == "truncated" else b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors.*SAELens"):
+        sae.load(tmp_path / "m")
 
 
 # sparsify --------------------------------------------------------------------------------------------
