@@ -69,7 +69,7 @@ class JumpReLUSAE(SAE):
 
     name = "jumprelu"
     architecture = "jumprelu"
-    saelens_aliases = ("jumprelu_transcoder",)
+    saelens_aliases = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 
     def __init__(
         self, d_in: int, d_sae: int, *, l0_coeff: float = 1.0, bandwidth: float = 0.001, init_threshold=0.001, **kw
@@ -107,6 +107,8 @@ class JumpReLUSAE(SAE):
         }
 
     def saelens_architecture(self) -> str:
+        if self.W_skip is not None:
+            return "jumprelu_skip_transcoder"
         return "jumprelu_transcoder" if self.d_out != self.d_in else "jumprelu"
 
 

@@ -190,7 +190,7 @@ def test_inference_export_is_a_jumprelu(tmp_path, name):
         sae.save(fresh, tmp_path / "fresh", inference=True)
     sae.save(model, tmp_path / "m", inference=True)
     cfg = json.loads((tmp_path / "m" / "cfg.json").read_text())
-    assert cfg["architecture"] == "jumprelu_transcoder"
+    assert cfg["architecture"] == "jumprelu_skip_transcoder"
     loaded = sae.load(tmp_path / "m")
     assert type(loaded) is sae.JumpReLUSAE and loaded.act_scale == 1.0
     x = rand(20, D)
