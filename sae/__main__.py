@@ -15,19 +15,8 @@ import sys
 
 import torch
 
-import sae
-
+from .registry import ARCHITECTURES
 from .trainer import TrainConfig, Trainer
-
-ARCHS = {
-    "topk": "TopKSAE",
-    "batchtopk": "BatchTopKSAE",
-    "jumprelu": "JumpReLUSAE",
-    "gated": "GatedSAE",
-    "relu": "ReLUSAE",
-    "matryoshka": "MatryoshkaSAE",
-    "ordered": "OrderedSAE",
-}
 
 TRAIN_DEFAULTS = {
     "arch": "topk",
@@ -46,7 +35,6 @@ TRAIN_DEFAULTS = {
     "buffer_tokens": 1 << 16,
     **{f.name: f.default for f in dataclasses.fields(TrainConfig)},
 }
-TRAIN_DEFAULTS.update(steps=2000, lr=3e-3, out_dir="runs/sae", checkpoint_every=500)
 
 HARVEST_DEFAULTS = {
     "model": None,
@@ -71,12 +59,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-NONE_DEFAULT_TYPES = {"d_sae": int, "sparsity_warmup_steps": int, "p_end": float}
+NONE_DEFAULT_TYPES = {"d_sae": int, "sparsity_warmup_steps": int, "p_end": float, "dead_tokens": int, "out_dir": str}
 
 
 def _add_options(parser: argparse.ArgumentParser, defaults: dict, helps: dict) -> None:
     """One --flag per option; its type follows the default's (JSON for dicts and tuples)."""
-    parser.add_argument("--config", help="JSON file of options (flags override it)")
+    parser.add_argument("--config", help="JSON file of options, keys as the flags with underscores (flags override it)")
     for name, default in defaults.items():
         if isinstance(default, bool):
             kind = _bool
@@ -87,7 +75,7 @@ def _add_options(parser: argparse.ArgumentParser, defaults: dict, helps: dict) -
         else:
             kind = NONE_DEFAULT_TYPES.get(name)
         flag = "--" + name.replace("_", "-")
-        text = f"{helps.get(name, '')} (default: {default!r})".strip()
+        text = f"{helps[name]} (default: {default!r})".replace("%", "%%")
         parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
 
 
@@ -105,22 +93,29 @@ def _options(args: argparse.Namespace, defaults: dict) -> dict:
 
 
 TRAIN_HELP = {
-    "arch": f"architecture: {', '.join(ARCHS)}",
+    "arch": f"architecture: {', '.join(ARCHITECTURES)}",
     "d_sae": "number of latents (default: expansion * d_in)",
+    "expansion": "latents per input dimension, when --d-sae is not given",
     "k": "active latents per token (TopK-family architectures)",
     "model_kwargs": "extra constructor arguments as JSON, e.g. '{\"l1_coeff\": 5.0}'",
     "data": "'synthetic' or a folder of .npy / .safetensors activation shards",
+    "batch_size": "tokens per step",
+    "device": "cpu or cuda",
+    "synthetic_d": "synthetic data: input dimension",
+    "synthetic_features": "synthetic data: number of true features",
+    "synthetic_l0": "synthetic data: mean true features per token",
+    "synthetic_correlation": "synthetic data: correlation between feature firings",
     "resume": "continue from the latest checkpoint in out_dir",
+    "buffer_tokens": "shard data: shuffle buffer size in tokens",
+    **{f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)},
 }
 
 
 def build_model(opts: dict, d_in: int) -> torch.nn.Module:
     arch = opts["arch"]
-    if arch not in ARCHS:
-        raise SystemExit(f"error: --arch {arch!r}: expected one of {sorted(ARCHS)}")
-    cls = getattr(sae, ARCHS[arch], None)
-    if cls is None:
-        raise SystemExit(f"error: --arch {arch!r}: sae.{ARCHS[arch]} is not available in this version")
+    if arch not in ARCHITECTURES:
+        raise SystemExit(f"error: --arch {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
     d_sae = opts["d_sae"] or opts["expansion"] * d_in
     kwargs = dict(opts["model_kwargs"])
     if "k" in inspect.signature(cls).parameters:
@@ -157,7 +152,7 @@ def train(opts: dict) -> dict:
         f"  L0 {e['l0']:.2f}  FVU {e['fvu']:.4f}  explained variance {e['explained_variance']:.4f}  "
         f"dead {100 * e['dead_fraction']:.1f}%  c_dec {e['c_dec']:.4f}"
         + (f"\n  feature recovery (mean max |cos|) {e['recovery']:.4f}" if "recovery" in e else "")
-        + (f"\n  saved {summary['export']}" if "export" in summary else "")
+        + (f"\n  saved {summary['export']}" if "export" in summary else "\n  not saved: pass --out-dir")
     )
     return summary
 
@@ -182,8 +177,11 @@ def harvest(opts: dict) -> list:
         raise SystemExit("error: harvesting from a named model needs the `transformers` package") from e
     dtype = getattr(torch, opts["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(opts["model"])
-    model = AutoModel.from_pretrained(opts["model"], torch_dtype=dtype).to(opts["device"])
-    harvester = Harvester(model, opts["module"], dtype=dtype)
+    model = AutoModel.from_pretrained(opts["model"], dtype=dtype).to(opts["device"])
+    try:
+        harvester = Harvester(model, opts["module"], dtype=dtype)
+    except ValueError as e:
+        raise SystemExit(f"error: --module: {e}") from None
     batches = token_batches(_texts(opts["text"]), tokenizer, context=opts["context"], batch_size=opts["batch_size"])
     paths = harvest_to_shards(
         harvester,
@@ -199,20 +197,32 @@ def harvest(opts: dict) -> list:
 
 HARVEST_HELP = {
     "model": "Hugging Face model name or local path",
-    "module": "dotted module name to hook, e.g. 'layers.6' (see model.named_modules())",
+    "module": "dotted module name to hook, as in model.named_modules(), e.g. 'encoder.layer.3' or 'layers.6'",
     "text": "a .txt file (one document per line) or .jsonl file (a 'text' field per line)",
+    "out_dir": "folder for the shards",
+    "context": "tokens per window",
+    "batch_size": "windows per forward pass",
+    "max_tokens": "stop after this many tokens",
+    "shard_tokens": "tokens per shard",
     "format": "shard format: safetensors or npy",
+    "device": "cpu or cuda",
+    "dtype": "activation dtype: float32, float16 or bfloat16",
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The CLI's parser and its subcommands' parsers."""
     parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train an SAE", description="Train an SAE (sae.Trainer).")
     _add_options(p_train, TRAIN_DEFAULTS, TRAIN_HELP)
     p_harvest = sub.add_parser("harvest", help="write activation shards from a model over text")
     _add_options(p_harvest, HARVEST_DEFAULTS, HARVEST_HELP)
-    args = parser.parse_args(argv)
+    return parser, {"train": p_train, "harvest": p_harvest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser()[0].parse_args(argv)
     if args.command == "train":
         train(_options(args, TRAIN_DEFAULTS))
     else:

@@ -7,6 +7,7 @@ written as shards for `ShardSource`.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,8 +32,15 @@ class Harvester:
         try:
             self.module = model.get_submodule(module_name)
         except AttributeError as e:
-            names = [n for n, _ in model.named_modules() if n][:20]
-            raise ValueError(f"module_name={module_name!r} is not a module of the model; some are: {names}") from e
+            names = [n for n, _ in model.named_modules() if n]
+            # "layers.2" for "encoder.layer.2": prefer the names with the same last part, then the closest
+            tail = [n for n in names if n.rsplit(".", 1)[-1] == module_name.rsplit(".", 1)[-1]]
+            close = difflib.get_close_matches(module_name, tail or names, n=5, cutoff=0 if tail else 0.5)
+            close = close or names[:5]
+            raise ValueError(
+                f"module_name={module_name!r} is not a module of the model; closest: {', '.join(close)} "
+                f"(all {len(names)}: model.named_modules())"
+            ) from e
         self.model, self.module_name, self.dtype = model.eval(), module_name, dtype
         self.device = next(model.parameters()).device
 
@@ -65,12 +73,13 @@ def token_batches(
     texts: Iterable[str], tokenizer, *, context: int = 128, batch_size: int = 8
 ) -> Iterator[torch.Tensor]:
     """Tokenise texts, join them with the tokenizer's EOS token, and cut the stream into [batch_size,
-    context] batches of input ids (a final partial batch is dropped)."""
+    context] batches of input ids (a final partial batch is dropped). tokenizer: a Hugging Face tokenizer, or
+    any callable tokenizer(text, verbose=False) -> {"input_ids": [...]}."""
     eos = getattr(tokenizer, "eos_token_id", None)
     buf: list[int] = []
     need = context * batch_size
     for text in texts:
-        buf.extend(tokenizer(text)["input_ids"])
+        buf.extend(tokenizer(text, verbose=False)["input_ids"])  # long texts are cut into windows below
         if eos is not None:
             buf.append(eos)
         while len(buf) >= need:

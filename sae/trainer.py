@@ -31,34 +31,42 @@ from .formats import save
 SPARSITY_COEFFS = ("l1_coeff", "l0_coeff")  # scheduled by the sparsity warmup (and p-annealing)
 
 
+def _opt(default, help: str):
+    """A TrainConfig field: its default and its help text (the CLI's flags show both)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Training hyperparameters; every field has a default that trains."""
+    """Training hyperparameters; every field has a default that trains. The CLI's defaults are these."""
 
-    steps: int = 2000
-    lr: float = 1e-3
-    lr_warmup_steps: int = 100
-    lr_decay_frac: float = 0.2  # linear decay to 0 over this final fraction of the steps
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    sparsity_warmup_steps: int | None = None  # sparsity coefficients ramp from 0; None: 5% of the steps
-    normalize: bool = True  # model.act_scale such that E||x|| = sqrt(d_in), folded in at save
-    init_b_dec: str = "geometric_median"  # "geometric_median", "mean" or "zero"
-    stats_tokens: int = 4096  # sample for the normalisation, b_dec and the default evaluation set
-    unit_norm_decoder: bool = True
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
-    precision: str = "fp32"  # "fp32", or "bf16": bf16 compute copy, fp32 master weights and Adam
-    p_end: float | None = None  # ReLU p-annealing: p goes linearly 1 -> p_end; None turns it off
-    anneal_start: float = 0.5  # fraction of the steps where p-annealing starts
-    anneal_every: int = 100  # steps between updates of p (and of the rescaled coefficient)
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # 0: evaluate at the end only
-    eval_tokens: int = 8192
-    checkpoint_every: int = 0  # 0: no checkpoints (needs out_dir)
-    keep_checkpoints: int = 2
-    out_dir: str | None = None  # logs (log.jsonl), checkpoints/ and the exported SAE
-    progress: bool = True
+    steps: int = _opt(2000, "optimizer steps")
+    lr: float = _opt(3e-3, "peak learning rate (Adam)")
+    lr_warmup_steps: int = _opt(100, "linear learning-rate warmup from lr / steps")
+    lr_decay_frac: float = _opt(0.2, "linear decay to 0 over this final fraction of the steps")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam betas")
+    grad_clip: float = _opt(1.0, "max global gradient norm; 0 turns clipping off")
+    sparsity_warmup_steps: int | None = _opt(None, "sparsity coefficients ramp from 0 over these steps; None: 5%")
+    normalize: bool = _opt(True, "set act_scale so that E||x|| = sqrt(d_in) (folded into the exported SAE)")
+    init_b_dec: str = _opt("geometric_median", "initial b_dec: geometric_median, mean or zero")
+    stats_tokens: int = _opt(4096, "sample for the normalisation, b_dec and the default evaluation set")
+    unit_norm_decoder: bool = _opt(True, "keep decoder rows at unit norm")
+    dead_tokens: int | None = _opt(
+        None, "a latent is dead (AuxK revives it) after this many tokens without firing; None: a quarter of the "
+        "run's tokens, at most 10M, so the window fits inside the run"
+    )  # fmt: skip
+    precision: str = _opt("fp32", "fp32, or bf16: a bf16 compute copy with fp32 master weights and Adam")
+    p_end: float | None = _opt(None, "ReLU p-annealing: p goes linearly 1 -> p_end; None turns it off")
+    anneal_start: float = _opt(0.5, "fraction of the steps where p-annealing starts")
+    anneal_every: int = _opt(100, "steps between updates of p (and of the rescaled coefficient)")
+    seed: int = _opt(0, "random seed (initialisation, data order)")
+    log_every: int = _opt(50, "steps between log records")
+    eval_every: int = _opt(0, "steps between evaluations; 0: at the end only")
+    eval_tokens: int = _opt(8192, "tokens in the evaluation set")
+    checkpoint_every: int = _opt(500, "steps between checkpoints (with out_dir); 0: none")
+    keep_checkpoints: int = _opt(2, "checkpoints kept")
+    out_dir: str | None = _opt(None, "folder for log.jsonl, checkpoints/ and the exported SAE; None: write nothing")
+    progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -123,6 +131,8 @@ class Trainer:
         self.anneal = cfg.p_end is not None and hasattr(model, "p") and hasattr(model, "penalty")
         self._eval_raw = eval_data
         self.step, self.tokens = 0, 0
+        run_tokens = cfg.steps * source.batch_size
+        self.dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, run_tokens // 4)
         self.since_fired = torch.zeros(model.d_sae, dtype=torch.long, device=self.device)
         self.p_acc = [0.0, 0.0, 0]  # p-annealing: sum of L_p at the current p, at the next p, count
         self.history: list[dict] = []
@@ -196,7 +206,7 @@ class Trainer:
                     w.copy_(m)
             _sync_state(model, work)
             x = x.to(torch.bfloat16)
-        parts = work.loss(x, dead_mask=self.since_fired >= cfg.dead_tokens)
+        parts = work.loss(x, dead_mask=self.since_fired >= self.dead_tokens)
         code = parts.pop("code")
         parts["loss"].backward()
         if work is not model:
@@ -249,7 +259,7 @@ class Trainer:
 
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for dead_tokens tokens (or since the start, when fewer)."""
-        horizon = min(self.cfg.dead_tokens, self.tokens)
+        horizon = min(self.dead_tokens, self.tokens)
         return (self.since_fired >= max(horizon, 1)).float().mean().item()
 
     # State -------------------------------------------------------------------------------------------
