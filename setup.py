@@ -12,7 +12,9 @@ setup(
     # Ranges satisfied by CI (torch 2.13.0 CPU, triton 3.9) and the GPU machine (torch 2.11, triton 3.6, numpy 2.5).
     install_requires=["torch>=2.5,<2.14", "triton>=3.2,<3.10", "numpy>=1.24,<3", "safetensors>=0.4"],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40"],
+        # Each feature's packages; "test" installs them all, so that no test skips in CI.
+        "hub": ["huggingface_hub>=0.23", "pyyaml>=6"],
+        "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40", "huggingface_hub>=0.23", "pyyaml>=6"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
         "peers": ["eai-sparsify"],
     },

@@ -3,6 +3,7 @@
 from .base import SAE
 from .formats import load, save
 from .hooks import attach
+from .hub import from_pretrained
 from .prefix import MatryoshkaSAE, OrderedSAE
 from .threshold import GatedSAE, JumpReLUSAE, ReLUSAE
 from .topk import BatchTopKSAE, TopKSAE
@@ -17,6 +18,7 @@ __all__ = [
     "ReLUSAE",
     "TopKSAE",
     "attach",
+    "from_pretrained",
     "load",
     "save",
 ]
