@@ -14,7 +14,10 @@ setup(
     extras_require={
         # Each feature's packages; "test" installs them all, so that no test skips in CI.
         "hub": ["huggingface_hub>=0.23", "pyyaml>=6"],
-        "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40", "huggingface_hub>=0.23", "pyyaml>=6"],
+        "tensorboard": ["tensorboard>=2.12"],
+        "wandb": ["wandb>=0.17"],
+        "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40", "huggingface_hub>=0.23", "pyyaml>=6",
+                 "tensorboard>=2.12", "wandb>=0.17"],  # fmt: skip
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
         "peers": ["eai-sparsify"],
     },

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, runlog
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Source
 from .formats import save
@@ -66,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(500, "steps between checkpoints (with out_dir); 0: none")
     keep_checkpoints: int = _opt(2, "checkpoints kept")
     out_dir: str | None = _opt(None, "folder for log.jsonl, checkpoints/ and the exported SAE; None: write nothing")
+    log: str = _opt("jsonl", "run logs under out_dir, comma-separated: jsonl, tensorboard, wandb (sae.runlog)")
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
@@ -76,6 +76,7 @@ class TrainConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         self.betas = tuple(self.betas)
+        runlog.parse_kinds(self.log)
 
 
 def _numeric_attrs(model) -> dict:
@@ -214,6 +215,7 @@ class Trainer:
                 m.grad = None if w.grad is None else w.grad.float()
                 w.grad = None
             _sync_state(work, model)
+        self._sync_grads()
         W = model.W_dec
         if cfg.unit_norm_decoder and W.grad is not None:
             with torch.no_grad():  # keep only the gradient tangent to the unit sphere of each row
@@ -228,16 +230,30 @@ class Trainer:
             with torch.no_grad():
                 W.div_(W.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(W.dtype))
         with torch.no_grad():
-            self.since_fired += x.shape[0]
-            self.since_fired[code.indices[code.values != 0].long()] = 0
+            tokens = self._count_firing(code, x.shape[0])
             if self.anneal and self.step + cfg.anneal_every >= int(cfg.anneal_start * cfg.steps):
                 nxt = self.p_at(self.step + cfg.anneal_every)
-                self.p_acc[0] += float(work.penalty(code, model.p))
-                self.p_acc[1] += float(work.penalty(code, nxt))
+                self.p_acc[0] += self._penalty(code, model.p)
+                self.p_acc[1] += self._penalty(code, nxt)
                 self.p_acc[2] += 1
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += tokens
         return parts
+
+    # What a data-parallel trainer (sae.distributed) does differently within a step
+
+    def _sync_grads(self) -> None:
+        """Make the gradients the whole step's (one process: they are)."""
+
+    def _count_firing(self, code, rows: int) -> int:
+        """Update tokens-since-fired from the step's code (rows tokens); returns the tokens the step trained on."""
+        self.since_fired += rows
+        self.since_fired[code.indices[code.values != 0].long()] = 0
+        return rows
+
+    def _penalty(self, code, p: float) -> float:
+        """The step's L_p penalty at p (p-annealing's continuity)."""
+        return float(self.work.penalty(code, p))
 
     # Evaluation, export ------------------------------------------------------------------------------
 
@@ -317,12 +333,12 @@ class Trainer:
 
     def _write(self, record: dict) -> None:
         self.history.append(record)
-        if self.out_dir is not None:
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if self.out_dir is not None and rank0:
             if self._log is None:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._log = open(self.out_dir / "log.jsonl", "a", encoding="utf-8")
-            self._log.write(json.dumps(record) + "\n")
-            self._log.flush()
+                config = dataclasses.asdict(self.cfg) | {"model": self.model.config()}
+                self._log = runlog.RunLog(self.cfg.log, self.out_dir, d_sae=self.model.d_sae, config=config)
+            self._log.write(record)
 
     def _progress(self, rec: dict) -> None:
         if not self.cfg.progress:
