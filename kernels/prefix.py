@@ -8,6 +8,9 @@ prefix size m is a partial sum of its slots, so every prefix error is one of K +
 and a weighted loss over prefix sizes is sum_t omega_t E_t, omega_t the weight of the prefix sizes m with
 i_{t-1} < m <= i_t (prefix_losses). Never one decode per prefix.
 
+prefix_norms (a custom op on tensors) computes E; its launchers are prefix_norms_triton / _torch (torch_ops),
+and prefix_errors / prefix_losses are the public ops on SparseCodes.
+
 Kernel: a program per (row, tile of d) walks the slots once, keeping its tile of r in registers and
 writing the partial squared norms [B, tiles, K + 1] (summed over tiles afterwards: deterministic).
 Backward, with G = dL/dE and S_j = sum_{t > j} G_t r_t:
@@ -22,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import validate
+from . import torch_ops, validate
 from .backend import resolve
 from .code import SparseCode
-from .scatter import scatter_rows_op
+from .scatter import scatter_rows
 
-BUDGET = 1 << 24  # elements of the [rows, K, d] temporaries of the backward and the torch path
+BUDGET = 1 << 24  # elements of the backward's [rows, K, d] temporary S
 CUDA_BUDGET = 1 << 28  # 1 GiB of fp32 S on a GPU: at B = 8192, k = 64, d = 4096, 8 row chunks instead of 130
 BLOCK_D = 128
 
@@ -111,7 +114,8 @@ def _prefix_bwd_kernel(
     tl.store(dr0_ptr + row * stride_dr + cols, (2.0 * s).to(dr0_ptr.dtype.element_ty), mask=mask)
 
 
-def prefix_errors_triton(values, indices, W, r0):
+def prefix_norms_triton(values, indices, W, r0):
+    """E [B, K + 1] fp32 (see the module docstring)."""
     B, K = values.shape
     D = r0.shape[1]
     T = triton.cdiv(D, BLOCK_D)
@@ -123,7 +127,7 @@ def prefix_errors_triton(values, indices, W, r0):
     return part.sum(1)
 
 
-def prefix_errors_backward_triton(values, indices, W, r0, grad, write_s: bool):
+def prefix_norms_backward_triton(values, indices, W, r0, grad, write_s: bool):
     """-> (dv [B, K] fp32, dr0 [B, d] r0.dtype, S [B, K, d] fp32 or None)."""
     B, K = values.shape
     D = r0.shape[1]
@@ -140,49 +144,26 @@ def prefix_errors_backward_triton(values, indices, W, r0, grad, write_s: bool):
     return dv.sum(1), dr0, s if write_s else None
 
 
-def _residuals(values, indices, W, r0):
-    """[R, K + 1, d] fp32: r_t for t = 0..K."""
-    u = values.float().unsqueeze(2) * W[indices.long()].float()
-    cum = torch.cat([torch.zeros_like(u[:, :1]), u.cumsum(1)], 1)
-    return r0.float().unsqueeze(1) - cum
-
-
-def prefix_errors_torch(values, indices, W, r0):
-    B, K = values.shape
-    out = torch.empty(B, K + 1, device=r0.device, dtype=torch.float32)
-    step = max(1, BUDGET // max(1, (K + 1) * r0.shape[1]))
-    for a in range(0, B, step):
-        out[a : a + step] = _residuals(values[a : a + step], indices[a : a + step], W, r0[a : a + step]).pow(2).sum(-1)
-    return out
-
-
-def prefix_errors_backward_torch(values, indices, W, r0, grad, write_s: bool):
-    gr = grad.float().unsqueeze(2) * _residuals(values, indices, W, r0)  # G_t r_t  [B, K + 1, d]
-    s = gr[:, 1:].flip(1).cumsum(1).flip(1)  # S_j = sum_{t > j} G_t r_t
-    dv = -2 * (W[indices.long()].float() * s).sum(-1)
-    return dv, (2 * gr.sum(1)).to(r0.dtype), s if write_s else None
-
-
-@torch.library.custom_op("sae_kernels::prefix_errors", mutates_args=())
-def prefix_errors_op(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("sae_kernels::prefix_norms", mutates_args=())
+def prefix_norms(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
     """E [B, K + 1] fp32: E[b, t] = ||r0[b] - sum_{j < t} values[b, j] W[indices[b, j]]||^2."""
     values, indices, W, r0 = (validate.row_major(t) for t in (values, indices, W, r0))
-    run = prefix_errors_triton if resolve(W) == "triton" else prefix_errors_torch
+    run = prefix_norms_triton if resolve(W) == "triton" else torch_ops.prefix_norms_torch
     return run(values, indices, W, r0)
 
 
-@prefix_errors_op.register_fake
+@prefix_norms.register_fake
 def _(values, indices, W, r0):
     return r0.new_empty(values.shape[0], values.shape[1] + 1, dtype=torch.float32)
 
 
-@torch.library.custom_op("sae_kernels::prefix_errors_backward", mutates_args=())
-def prefix_errors_backward(
+@torch.library.custom_op("sae_kernels::prefix_norms_backward", mutates_args=())
+def prefix_norms_backward(
     values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, r0: torch.Tensor, grad: torch.Tensor, want_W: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dv [B, K] values.dtype, dr0 [B, d], dW [n, d] W.dtype, or [0, d] when not want_W)."""
     values, indices, W, r0 = (validate.row_major(t) for t in (values, indices, W, r0))
-    run = prefix_errors_backward_triton if resolve(W) == "triton" else prefix_errors_backward_torch
+    run = prefix_norms_backward_triton if resolve(W) == "triton" else torch_ops.prefix_norms_backward_torch
     B, K = values.shape
     n, D = W.shape
     budget = CUDA_BUDGET if W.is_cuda else BUDGET  # few chunks: each adds a whole [n, d] dW
@@ -195,7 +176,7 @@ def prefix_errors_backward(
         dr0s.append(dr0)
         if want_W:
             coef = (-2 * values[part].float()).reshape(-1, 1)
-            dW_part, _ = scatter_rows_op(coef, indices[part].reshape(-1, 1), s.reshape(-1, D), n, False, torch.float32)
+            dW_part, _ = scatter_rows(coef, indices[part].reshape(-1, 1), s.reshape(-1, D), n, False, torch.float32)
             dW = dW_part if dW is None else dW.add_(dW_part)
     dv = torch.cat(dvs) if dvs else values.new_zeros(0, K, dtype=torch.float32)
     dr0 = torch.cat(dr0s) if dr0s else r0.new_zeros(0, D)
@@ -204,7 +185,7 @@ def prefix_errors_backward(
     return dv.to(values.dtype), dr0, dW.to(W.dtype)
 
 
-@prefix_errors_backward.register_fake
+@prefix_norms_backward.register_fake
 def _(values, indices, W, r0, grad, want_W):
     return values.new_empty(values.shape), r0.new_empty(r0.shape), W.new_empty(W.shape[0] if want_W else 0, W.shape[1])
 
@@ -217,7 +198,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     values, indices, W, r0 = ctx.saved_tensors
     want_W = ctx.needs_input_grad[2]
-    dv, dr0, dW = prefix_errors_backward(values, indices, W, r0, grad, want_W)
+    dv, dr0, dW = prefix_norms_backward(values, indices, W, r0, grad, want_W)
     return (
         dv if ctx.needs_input_grad[0] else None,
         None,
@@ -226,23 +207,23 @@ def _backward(ctx, grad):
     )
 
 
-prefix_errors_op.register_autograd(_backward, setup_context=_setup)
+prefix_norms.register_autograd(_backward, setup_context=_setup)
 
 
 def prefix_errors(code: SparseCode, W_dec: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
     """E [B, K + 1] fp32: E[b, t] = ||r0[b] - sum_{j < t} code.values[b, j] W_dec[code.indices[b, j]]||^2.
 
-    code: values / indices [B, K] in slot order (sort by latent id first for prefix losses); W_dec: [n, d];
-    r0: [B, d] (the target minus b_dec). Differentiable in code.values, W_dec and r0.
+    code: any SparseCode, values / indices [B, K] in slot order (sort by latent id first for prefix losses);
+    W_dec: [n, d]; r0: [B, d] (the target minus b_dec). Differentiable in code.values, W_dec and r0.
     """
-    values, indices = code
-    validate.code(values, indices, W_dec)
+    validate.code("code", code, W_dec)
+    values, indices = code.values, code.indices
     validate.matrix("r0", r0, cols=W_dec.shape[1])
     validate.floating("r0", r0, W_dec.dtype)
     validate.same_device("r0", r0, W_dec)
     if r0.shape[0] != values.shape[0]:
         raise ValueError(f"r0 must have {values.shape[0]} rows (the code's), got shape {tuple(r0.shape)}")
-    return prefix_errors_op(values, indices.to(torch.int32), W_dec, r0)
+    return prefix_norms(values, indices.to(torch.int32), W_dec, r0)
 
 
 def prefix_losses(

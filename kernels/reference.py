@@ -44,8 +44,7 @@ def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch
 
 def scatter_rows(coef: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n: int):
     """dW[i] = sum over (b, j) with indices[b, j] = i of coef[b, j] * X[b]  -> ([n, d], [n] row sums)."""
-    dense = torch.zeros(X.shape[0], n, dtype=coef.dtype, device=coef.device)
-    dense.scatter_add_(1, indices.long(), coef)
+    dense = SparseCode(coef, indices).to_dense(n)
     return dense.T @ X, dense.sum(0)
 
 
@@ -127,7 +126,7 @@ def prefix_losses(code: SparseCode, W_dec, b_dec, target, prefix_weights) -> tor
     """[B]: sum over prefix sizes m = 1..n of prefix_weights[m - 1] ||target - x_hat_m||^2, x_hat_m the
     decode of the latents i < m (one dense decode per prefix)."""
     n = W_dec.shape[0]
-    f = code.values.new_zeros(code.values.shape[0], n).scatter_add(1, code.indices.long(), code.values)
+    f = code.to_dense(n)
     out = target.new_zeros(target.shape[0])
     for m in range(1, n + 1):
         if prefix_weights[m - 1] != 0:

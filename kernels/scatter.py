@@ -77,16 +77,17 @@ def scatter_rows_triton(coef, indices, X, n: int, with_sum: bool, out_dtype: tor
 
 
 @torch.library.custom_op("sae_kernels::scatter_rows", mutates_args=())
-def scatter_rows_op(
+def scatter_rows(
     coef: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n: int, with_sum: bool, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dW [n, d], dsum [n] or [0]) in out_dtype; see the module docstring."""
+    """coef [B, K], indices [B, K] in [0, n), X [B, d] -> (dW [n, d], dsum [n], or [0] without with_sum),
+    both in out_dtype; see the module docstring."""
     X = validate.row_major(X)
-    run = scatter_rows_triton if resolve(X) == "triton" else torch_ops.scatter_rows
+    run = scatter_rows_triton if resolve(X) == "triton" else torch_ops.scatter_rows_torch
     dW, dsum = run(coef, indices, X, n, with_sum, out_dtype)
     return dW, dsum if with_sum else dW.new_empty(0)
 
 
-@scatter_rows_op.register_fake
+@scatter_rows.register_fake
 def _(coef, indices, X, n, with_sum, out_dtype):
     return X.new_empty(n, X.shape[1], dtype=out_dtype), X.new_empty(n if with_sum else 0, dtype=out_dtype)

@@ -4,6 +4,8 @@
     dval[b,j] = g[b] . W[indices[b, j]]                            (gather-dot: the value gradient)
     dW        = scatter_rows(values, indices, g)                   (deterministic, see scatter.py)
 
+encoder_grads turns an encoder's slot gradients into those of x, W_enc and b_enc with the same two pieces.
+
 Memory bound: each program owns a few rows and one tile of d, reads whole W rows (contiguous in the
 latent-major layout) and accumulates in fp32.
 """
@@ -17,7 +19,7 @@ import triton.language as tl
 from . import torch_ops, tuning, validate
 from .backend import resolve
 from .code import SparseCode
-from .scatter import scatter_rows_op
+from .scatter import scatter_rows
 
 
 @triton.jit
@@ -133,7 +135,7 @@ def gather_matmul(
     values, indices, W = (validate.row_major(t) for t in (values, indices, W))
     if resolve(W) == "triton":
         return gather_matmul_triton(values, indices, W, validate.row_major(bias))
-    return torch_ops.gather_matmul(values, indices, W, bias)
+    return torch_ops.gather_matmul_torch(values, indices, W, bias)
 
 
 @gather_matmul.register_fake
@@ -147,7 +149,7 @@ def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch
     g, indices, W = (validate.row_major(t) for t in (g, indices, W))
     if resolve(W) == "triton":
         return gather_dot_triton(g, indices, W)
-    return torch_ops.gather_dot(g, indices, W)
+    return torch_ops.gather_dot_torch(g, indices, W)
 
 
 @gather_dot.register_fake
@@ -167,7 +169,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_values = gather_dot(grad, indices, W).to(values.dtype)
     if ctx.needs_input_grad[2]:
-        grad_W, _ = scatter_rows_op(values, indices, grad, W.shape[0], False, W.dtype)
+        grad_W, _ = scatter_rows(values, indices, grad, W.shape[0], False, W.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_values, None, grad_W, grad_bias
@@ -179,10 +181,23 @@ gather_matmul.register_autograd(_backward, setup_context=_setup)
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
     """x_hat = b_dec + sum_j code.values[:, j] * W_dec[code.indices[:, j]].
 
-    code: SparseCode with values [B, K] and indices [B, K] in [0, n); W_dec: [n, d]; b_dec: [d] or None.
-    Returns [B, d] in W_dec.dtype. Differentiable in code.values, W_dec and b_dec.
+    code: any SparseCode (every encoder's output: SparseCode, JumpReLUCode, GatedCode) with values [B, K] and
+    indices [B, K] in [0, n); W_dec: [n, d]; b_dec: [d] or None. Returns [B, d] in W_dec.dtype.
+    Differentiable in code.values, W_dec and b_dec.
     """
-    values, indices = code
-    validate.code(values, indices, W_dec)
+    validate.code("code", code, W_dec)
     validate.vector("b_dec", b_dec, W_dec.shape[1], W_dec)
-    return gather_matmul(values, indices.to(torch.int32), W_dec, b_dec)
+    return gather_matmul(code.values, code.indices.to(torch.int32), W_dec, b_dec)
+
+
+def encoder_grads(ctx, dz: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, W: torch.Tensor):
+    """An encoder's (grad x, grad W, grad b) from dz [B, K] = dL/dz on its slots, z = x W^T + b (x, W and b
+    are the encoder's inputs 0, 1 and 2; ctx.has_bias says whether b was given). None where not needed."""
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = gather_matmul(dz, indices, W, None).to(x.dtype)
+    want_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[1] or want_b:
+        grad_W, grad_b = scatter_rows(dz, indices, x, W.shape[0], want_b, W.dtype)
+        grad_b = grad_b if want_b else None
+    return grad_x, grad_W, grad_b

@@ -9,7 +9,8 @@ while the maximum beats it; once the running top-KP has settled, most tiles end 
 Each program writes its KP candidates per row, so the largest temporary is [B, splits, KP].
 Stage 2: top-k of the splits' candidates per row (torch.topk on the int64 keys), sorted.
 
-k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select).
+k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select_torch).
+Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from . import torch_ops, validate
 from .backend import INTERPRET, resolve
 from .code import SparseCode
 from .gemm import precision, split_plan, tile_xwT
-from .scatter import scatter_rows_op
-from .sparse_decode import gather_matmul
+from .sparse_decode import encoder_grads
 
 MAX_FUSED_KP = 256  # larger k runs the chunked path
 
@@ -125,7 +125,7 @@ def topk_select(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int
     x, W, b = (validate.row_major(t) for t in (x, W, b))
     if resolve(x) == "triton" and max(4, triton.next_power_of_2(k)) <= MAX_FUSED_KP:
         return topk_select_triton(x, W, b, k)
-    return torch_ops.topk_select(x, W, b, k)
+    return torch_ops.topk_select_torch(x, W, b, k)
 
 
 @topk_select.register_fake
@@ -143,14 +143,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_values, _grad_indices):
     x, W, values, indices = ctx.saved_tensors
     dz = torch.where(values > 0, grad_values, 0.0)  # ReLU: slots at zero pass no gradient
-    grad_x = grad_W = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = gather_matmul(dz, indices, W, None).to(x.dtype)
-    want_b = ctx.has_bias and ctx.needs_input_grad[2]
-    if ctx.needs_input_grad[1] or want_b:
-        grad_W, grad_b = scatter_rows_op(dz, indices, x, W.shape[0], want_b, W.dtype)
-        grad_b = grad_b if want_b else None
-    return grad_x, grad_W, grad_b, None
+    return (*encoder_grads(ctx, dz, indices, x, W), None)
 
 
 topk_select.register_autograd(_backward, setup_context=_setup)
@@ -171,7 +164,7 @@ def topk_encode(
     lower latent id. Rows with fewer than k positive pre-activations are filled with zero values at the
     lowest ids among the rest. Differentiable in x, W_enc, b_enc and b_dec.
     """
-    n = W_enc.shape[0] if isinstance(W_enc, torch.Tensor) else 0
     x = validate.encoder(x, "W_enc", W_enc, [("b_enc", b_enc)], b_dec)
-    validate.k_of(k, n)
-    return SparseCode(*topk_select(x, W_enc, b_enc, k))
+    validate.k_of(k, W_enc.shape[0])
+    values, indices = topk_select(x, W_enc, b_enc, k)
+    return SparseCode(values, indices)

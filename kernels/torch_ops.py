@@ -1,4 +1,4 @@
-"""The "torch" backend: plain PyTorch, memory-bounded, same contract as the Triton kernels.
+"""The "torch" backend: plain PyTorch, memory-bounded, the `<op>_torch` twin of every `<op>_triton` launcher.
 
 Work is split into chunks of at most `budget` elements, so no temporary has B x n (or B x K x d)
 elements unless the whole problem is that small. Selection is exact: values by torch.topk, and where equal
@@ -51,7 +51,7 @@ def _topk_keys(x, W, b, k: int, budget: int):
     return unpack_keys(torch.cat(out))
 
 
-def topk_select(x, W, b, k: int, budget: int = BUDGET):
+def topk_select_torch(x, W, b, k: int, budget: int = BUDGET):
     """Chunked TopK(ReLU(x W^T + b)): fp32 products on column chunks, a top-(k+1) merge per chunk.
 
     torch.topk finds the exact top-k values but orders equal values arbitrarily. The (k+1)-th value
@@ -101,7 +101,7 @@ def _row_chunk(K: int, d: int, budget: int) -> int:
     return max(1, budget // max(1, K * d))
 
 
-def gather_matmul(values, indices, W, bias, budget: int = BUDGET):
+def gather_matmul_torch(values, indices, W, bias, budget: int = BUDGET):
     """out[b] = bias + sum_j values[b, j] W[indices[b, j]], fp32 accumulation.  -> [B, d] W.dtype."""
     if W.dtype == torch.float32:
         out = torch.nn.functional.embedding_bag(indices.long(), W, per_sample_weights=values.float(), mode="sum")
@@ -119,7 +119,7 @@ def gather_matmul(values, indices, W, bias, budget: int = BUDGET):
     return out
 
 
-def gather_dot(g, indices, W, budget: int = BUDGET):
+def gather_dot_torch(g, indices, W, budget: int = BUDGET):
     """out[b, j] = g[b] . W[indices[b, j]], fp32 accumulation.  -> [B, K] g.dtype."""
     B, K = indices.shape
     if g.dtype == W.dtype == torch.float32:  # embedding_bag's own backward: no [B, K, d] gather
@@ -144,7 +144,7 @@ def buckets(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.searchsorted(sorted_ids, bounds)
 
 
-def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype):
+def scatter_rows_torch(coef, indices, X, n: int, with_sum: bool, out_dtype):
     """dW[i] = sum_{indices[b,j]=i} coef[b,j] X[b]; dsum[i] = sum coef. A CSR [n, B] x [B, d] product."""
     K = coef.shape[1]
     order, offsets = buckets(indices, n)
@@ -157,7 +157,7 @@ def scatter_rows(coef, indices, X, n: int, with_sum: bool, out_dtype):
     return dW, dsum.to(out_dtype)
 
 
-RELU, JUMPRELU, GATED = 0, 1, 2  # threshold_select modes
+RELU, JUMPRELU, GATED = 0, 1, 2  # threshold_select modes (the kernel's MODE)
 
 
 def threshold_epilogue(mode: int, u, b, theta, r_mag, b_mag, half_band: float):
@@ -179,18 +179,21 @@ def threshold_epilogue(mode: int, u, b, theta, r_mag, b_mag, half_band: float):
     return z > 0, torch.relu(pi_m), z, pi_m
 
 
-def threshold_select(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int, budget=BUDGET):
+def threshold_select_torch(
+    mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int, budget: int = BUDGET
+):
     """Chunked threshold compaction: the kept entries of each row in its first slots, by latent id.
 
     x: [B, d], W: [n, d], b / theta / r_mag / b_mag: [n] or None. Returns (values [B, C] x.dtype,
-    gate [B, C] x.dtype, aux [B, C] fp32, indices [B, C] int32, counts [B] int32); counts holds every
-    kept entry of a row, also those beyond the capacity C (which are not stored). Empty slots are 0.
+    gate [B, C] x.dtype (gated only, else None), aux [B, C] fp32, indices [B, C] int32, counts [B] int32);
+    counts holds every kept entry of a row, also those beyond the capacity C (which are not stored).
+    Empty slots are 0.
     """
     B, n = x.shape[0], W.shape[0]
     cols = max(1, min(n, budget))
     rows = max(1, min(B, budget // cols))
     values = torch.zeros(B, capacity, dtype=x.dtype, device=x.device)
-    gate = torch.zeros_like(values)
+    gate = torch.zeros_like(values) if mode == GATED else None
     aux = torch.zeros(B, capacity, dtype=torch.float32, device=x.device)
     indices = torch.zeros(B, capacity, dtype=torch.int32, device=x.device)
     counts = torch.zeros(B, dtype=torch.int64, device=x.device)
@@ -208,8 +211,36 @@ def threshold_select(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, 
             ok = pos < capacity
             r, c, pos = r[ok], c[ok], pos[ok]
             values[r0 + r, pos] = f[r, c].to(x.dtype)
-            gate[r0 + r, pos] = g[r, c].to(x.dtype)
+            if gate is not None:
+                gate[r0 + r, pos] = g[r, c].to(x.dtype)
             aux[r0 + r, pos] = a[r, c]
             indices[r0 + r, pos] = (c0 + c).to(torch.int32)
             counts[r0 : r0 + rows] += cnt
     return values, gate, aux, indices, counts.to(torch.int32)
+
+
+def _prefix_residuals(values, indices, W, r0):
+    """[R, K + 1, d] fp32: r_t = r0 - sum_{j < t} values[:, j] W[indices[:, j]] for t = 0..K."""
+    u = values.float().unsqueeze(2) * W[indices.long()].float()
+    cum = torch.cat([torch.zeros_like(u[:, :1]), u.cumsum(1)], 1)
+    return r0.float().unsqueeze(1) - cum
+
+
+def prefix_norms_torch(values, indices, W, r0, budget: int = BUDGET):
+    """E [B, K + 1] fp32: E[b, t] = ||r_t[b]||^2, in row chunks of at most `budget` residual elements."""
+    B, K = values.shape
+    out = torch.empty(B, K + 1, device=r0.device, dtype=torch.float32)
+    step = max(1, budget // max(1, (K + 1) * r0.shape[1]))
+    for a in range(0, B, step):
+        rows = slice(a, a + step)
+        out[rows] = _prefix_residuals(values[rows], indices[rows], W, r0[rows]).pow(2).sum(-1)
+    return out
+
+
+def prefix_norms_backward_torch(values, indices, W, r0, grad, write_s: bool):
+    """G = grad [B, K + 1] -> (dv [B, K] fp32, dr0 [B, d] r0.dtype, S [B, K, d] fp32 or None), with
+    S_j = sum_{t > j} G_t r_t, dv_j = -2 W[i_j] . S_j, dr0 = 2 sum_t G_t r_t (see prefix.py)."""
+    gr = grad.float().unsqueeze(2) * _prefix_residuals(values, indices, W, r0)  # G_t r_t  [B, K + 1, d]
+    s = gr[:, 1:].flip(1).cumsum(1).flip(1)
+    dv = -2 * (W[indices.long()].float() * s).sum(-1)
+    return dv, (2 * gr.sum(1)).to(r0.dtype), s if write_s else None

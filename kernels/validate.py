@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .backend import validation_enabled
+from .code import SparseCode
+from .hints import EncodeHints
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,9 +53,6 @@ def indices(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tenso
     same_device(name, t, ref)
 
 
-_indices = indices
-
-
 def index_range(name: str, t: torch.Tensor, n: int) -> None:
     """Indices in [0, n): checked only with validation on (a host sync)."""
     if validation_enabled() and t.numel() and not torch.compiler.is_compiling():
@@ -93,9 +92,11 @@ def encoder(x: torch.Tensor, W_name: str, W: torch.Tensor, vectors, b_dec) -> to
     return x if b_dec is None else x - b_dec
 
 
-def k_of(k, n: int) -> None:
+def k_of(k, n: int, n_name: str = "n") -> None:
+    """k in [1, n]: the one check of a TopK / BatchTopK k (n_name: what n is called where the call came from,
+    e.g. "d_sae")."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+        raise ValueError(f"k must be an int in [1, {n_name}={n}], got {k!r}")
 
 
 def capacity(value) -> None:
@@ -103,12 +104,26 @@ def capacity(value) -> None:
         raise ValueError(f"capacity must be None or an int >= 1, got {value!r}")
 
 
-def code(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> None:
+def hints(value) -> EncodeHints:
+    """The caller's EncodeHints, or fresh defaults for None."""
+    if value is None:
+        return EncodeHints()
+    if not isinstance(value, EncodeHints):
+        raise TypeError(f"hints must be a kernels.EncodeHints or None, got {type(value).__name__}")
+    return value
+
+
+def code(name: str, c, W_dec: torch.Tensor) -> None:
     """A SparseCode [B, K] against the decoder W_dec [n, d] it indexes."""
+    if not isinstance(c, SparseCode):
+        raise TypeError(
+            f"{name} must be a kernels.SparseCode (what every encoder returns, or SparseCode(values, indices)), "
+            f"got {type(c).__name__}"
+        )
     matrix("W_dec", W_dec)
     floating("W_dec", W_dec)
-    matrix("code.values", values)
-    floating("code.values", values, W_dec.dtype)
-    same_device("code.values", values, W_dec)
-    _indices("code.indices", indices, tuple(values.shape), W_dec)
-    index_range("code.indices", indices, W_dec.shape[0])
+    matrix(f"{name}.values", c.values)
+    floating(f"{name}.values", c.values, W_dec.dtype)
+    same_device(f"{name}.values", c.values, W_dec)
+    indices(f"{name}.indices", c.indices, tuple(c.values.shape), W_dec)
+    index_range(f"{name}.indices", c.indices, W_dec.shape[0])

@@ -25,8 +25,7 @@ from kernels import tuning
 scatter, sparse_decode, topk_encode = (
     importlib.import_module(f"kernels.{name}") for name in ("scatter", "sparse_decode", "topk_encode")
 )
-threshold_encode = importlib.import_module("kernels.threshold_encode")
-prefix = importlib.import_module("kernels.prefix")
+threshold, prefix = (importlib.import_module(f"kernels.{name}") for name in ("threshold", "prefix"))
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -80,17 +79,17 @@ def cases():
                  "BLOCK_K": cfg["BLOCK_K"], "UPCAST": False, "PRECISION": precision}  # fmt: skip
         opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         label = f"threshold_encode {dt} {act} bias={bias} {precision}"
-        yield label, threshold_encode._threshold_encode_kernel, sig, const, opts
+        yield label, threshold._threshold_encode_kernel, sig, const, opts
     for dt, ptr in DTYPES.items():
         sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "r0_ptr": ptr, "out_ptr": "*fp32"}
         strides = ["stride_v", "stride_i", "stride_w", "stride_r"]
         sig |= dict.fromkeys(["K", "D", *strides, "stride_ob", "stride_ot"], "i32")
         const, opts = {"BLOCK_D": prefix.BLOCK_D}, {"num_warps": 4}
-        yield f"prefix_errors {dt}", prefix._prefix_fwd_kernel, sig, const, opts
+        yield f"prefix_norms {dt}", prefix._prefix_fwd_kernel, sig, const, opts
         sig = {"val_ptr": ptr, "idx_ptr": "*i32", "w_ptr": ptr, "r0_ptr": ptr, "g_ptr": "*fp32", "dv_ptr": "*fp32",
                "dr0_ptr": ptr, "s_ptr": "*fp32"}  # fmt: skip
         sig |= dict.fromkeys(["K", "D", *strides, "stride_g", "stride_db", "stride_dt", "stride_dr"], "i32")
-        yield f"prefix_errors_backward {dt}", prefix._prefix_bwd_kernel, sig, const | {"WRITE_S": True}, opts
+        yield f"prefix_norms_backward {dt}", prefix._prefix_bwd_kernel, sig, const | {"WRITE_S": True}, opts
 
 
 def aligned(sig: dict) -> dict:

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before `kernels` (and so triton.jit) is imported, h
 """
 
 import os
+import zlib
 
 import torch
 
@@ -37,13 +38,11 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
-    """Every torch.empty is filled with NaN (ints with their max), so an unwritten element fails a test."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        return _poison(empty(*args, **kwargs))
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+    """Every torch.empty, torch.empty_like and Tensor.new_empty is filled with NaN (ints with their max), so an
+    unwritten element fails a test."""
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, **kw: _poison(_f(*a, **kw)))
     yield
 
 
@@ -59,5 +58,5 @@ def exact_fp32():
 @pytest.fixture(autouse=True)
 def seeded(request):
     """Fresh random inputs per test id, reproducible from the id."""
-    torch.manual_seed(sum(request.node.nodeid.encode()) * 7919 % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield

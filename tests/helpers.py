@@ -1,7 +1,11 @@
 """Comparisons against the float64 reference (DESIGN section 6)."""
 
 import torch
+from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from kernels import reference as R
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -58,3 +62,71 @@ class AllocationRecorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.numels.append((t.numel(), str(func)))
         return out
+
+
+# Encoder inputs ---------------------------------------------------------------------------------------
+
+
+def rand(*shape, scale=1.0, dtype=torch.float32):
+    return (scale * torch.randn(*shape, device=DEVICE)).to(dtype)
+
+
+def make_encoder(B, d, n, dtype=torch.float32):
+    """x [B, d], W_enc [n, d], b_enc [n], b_dec [d]."""
+    return (
+        rand(B, d, dtype=dtype),
+        rand(n, d, scale=d**-0.5, dtype=dtype),
+        rand(n, scale=0.1, dtype=dtype),
+        rand(d, scale=0.1, dtype=dtype),
+    )
+
+
+def make_gated(n, dtype=torch.float32):
+    """b_gate, r_mag, b_mag [n]."""
+    return rand(n, scale=0.1, dtype=dtype), rand(n, scale=0.5, dtype=dtype), rand(n, scale=0.1, dtype=dtype)
+
+
+def f64(*ts):
+    """float64 copies for the reference, requiring grad where the originals do (None stays None)."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+def case_id(case):
+    return "B{}-d{}-n{}".format(*case)
+
+
+def thresholds(x, W, b, b_dec, bandwidth, margin=0.02):
+    """theta [n], random in [0, 0.5) (above where no value there fits), with no z within `margin` of theta or
+    of the band's edges, so the rounding of low-precision inputs (x - b_dec in fp16) flips no entry."""
+    z = R.preactivations(*f64(x, W, b, b_dec))
+    grid = torch.linspace(0, 2, 1001, device=DEVICE).to(x.dtype).double()  # candidates as x.dtype rounds them
+    gap = (z[:, :, None] - grid).abs()  # [B, n, G]
+    good = ~((gap < margin) | ((gap - bandwidth / 2).abs() < margin)).any(0)  # [n, G]
+    assert good.any(1).all(), "no threshold in [0, 2) keeps its margin"
+    weight = good * torch.where(grid < 0.5, 1.0, 1e-9)
+    return grid[torch.multinomial(weight, 1)[:, 0]].to(x.dtype)
+
+
+def assert_slots(code, mask):
+    """code's slots hold exactly the entries of the [B, n] bool mask: by latent id, then empty slots
+    (value 0, index 0)."""
+    values, ids = code.values.cpu(), code.indices.cpu().long()
+    mask = mask.cpu()
+    assert code.indices.dtype == torch.int32
+    counts = mask.sum(1)
+    assert values.shape[1] >= max(int(counts.max()), 1)
+    for row, count in enumerate(counts.tolist()):
+        want = mask[row].nonzero().flatten()
+        assert ids[row, :count].tolist() == want.tolist(), f"row {row}: slots differ"
+        assert (ids[row, count:] == 0).all() and (values[row, count:] == 0).all(), f"row {row}: empty slots"
+
+
+def assert_same_layout(a, b):
+    """Two codes of the same call: same type, same slots (shape and ids), same values up to rounding."""
+    assert type(a) is type(b)
+    assert a.values.shape == b.values.shape and torch.equal(a.indices, b.indices)
+    assert_close(a.values, b.values, a.values.dtype, "values")
+
+
+def decode_loss(code, W_dec, b_dec, G):
+    return (kernels.sparse_decode(code, W_dec, b_dec) * G).sum()

@@ -130,7 +130,7 @@ def test_never_allocates_batch_by_latents(backend, kwargs):
     inputs = [t.requires_grad_() for t in (x, W, b)]
     with AllocationRecorder() as rec, kernels.use_backend(backend):
         if kwargs:
-            values, _ = torch_ops.topk_select(x, W, b, k, **kwargs)
+            values, _ = torch_ops.topk_select_torch(x, W, b, k, **kwargs)
         else:
             values = kernels.topk_encode(*inputs, k, b_dec=b_dec).values
             values.backward(torch.ones_like(values))
@@ -182,6 +182,29 @@ def test_bad_inputs(mutate, exc, match):
     mutate(args)
     with pytest.raises(exc, match=match):
         kernels.topk_encode(args["x"], args["W_enc"], args["b_enc"], args["k"], b_dec=args["b_dec"])
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_encode_decode_without_graph_breaks(compiler):
+    """fullgraph=True fails on any graph break: encode -> decode forward and backward, and a SparseCode
+    returned from the compiled function (a pytree)."""
+    x, W, b, b_dec = make(6, 16, 40, torch.float32)
+    W_dec = torch.randn(40, 16, device=DEVICE)
+    inputs = [t.requires_grad_() for t in (W, b, W_dec)]
+
+    def step(x):
+        code = kernels.topk_encode(x, W, b, 4, b_dec=b_dec)
+        return (kernels.sparse_decode(code, W_dec, b_dec) - x).pow(2).sum(), code
+
+    with kernels.use_backend("torch"):
+        loss, code = step(x)
+        grads = torch.autograd.grad(loss, inputs)
+        got, got_code = torch.compile(step, fullgraph=True, backend=compiler)(x)
+        got_grads = torch.autograd.grad(got, inputs)
+    assert type(got_code) is kernels.SparseCode and torch.equal(got_code.indices, code.indices)
+    assert torch.allclose(got, loss, rtol=1e-5)
+    for g, want in zip(got_grads, grads, strict=True):
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-6)
 
 
 def test_backend_switch():
