@@ -3,7 +3,7 @@
 Layout, a function of the inputs only: compact (each row's active latents by id, C the largest row count)
 unless a row keeps more than DENSE_FRACTION of the latents (as at init), then dense (C = n, every latent a
 slot, from one cuBLAS / BLAS product). A hint (EncodeHints.relu_dense) only chooses which pass runs first.
-Backward: sparse (or, dense, plain GEMMs through the same row scatter), deterministic.
+Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
 """
 
 from __future__ import annotations

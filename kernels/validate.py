@@ -55,7 +55,7 @@ def indices(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tenso
 
 def index_range(name: str, t: torch.Tensor, n: int) -> None:
     """Indices in [0, n): checked only with validation on (a host sync)."""
-    if validation_enabled() and t.numel() and not torch.compiler.is_compiling():
+    if validation_enabled() and not torch.compiler.is_compiling() and t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")

@@ -90,6 +90,34 @@ def test_custom_ops_pass_opcheck(call):
         call(x.requires_grad_(), W.requires_grad_(), b.requires_grad_(), theta)
 
 
+@pytest.mark.parametrize("capacity", [None, 30], ids=["chosen", "fixed"])
+def test_torch_compile_without_graph_breaks(capacity):
+    """fullgraph=True: the three encoders with a hint object, decoded; under tracing the hints are left alone
+    (updating them would need a host sync)."""
+    x, W, b, _ = make_encoder(6, 12, 30)
+    theta = 0.3 * torch.rand(30, device=DEVICE)
+    b_gate, r_mag, b_mag = make_gated(30)
+    W.requires_grad_()
+    hints = kernels.EncodeHints(capacity=5)
+
+    def loss(x):
+        codes = [
+            kernels.relu_encode(x, W, b - 0.5, capacity=capacity, hints=hints),
+            kernels.jumprelu_encode(x, W, b, theta, bandwidth=0.1, capacity=capacity, hints=hints),
+            kernels.gated_encode(x, W, b_gate, r_mag, b_mag, capacity=capacity, hints=hints),
+        ]
+        return sum(kernels.sparse_decode(c, W).pow(2).sum() for c in codes) + codes[1].l0.sum()
+
+    with kernels.use_backend("torch"):
+        got = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+        (got_grad,) = torch.autograd.grad(got, W)
+        assert hints == kernels.EncodeHints(capacity=5)
+        want = loss(x)
+        (want_grad,) = torch.autograd.grad(want, W)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 def _bad(name):
     x, W, b, b_dec = make_encoder(7, 20, 50)
     theta = torch.rand(50, device=DEVICE)

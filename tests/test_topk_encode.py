@@ -5,7 +5,7 @@ from helpers import AllocationRecorder, assert_close, assert_topk
 
 import kernels
 from kernels import reference as R
-from kernels import torch_ops
+from kernels import torch_ops, validate
 
 # (B, d, n, k): B = 1, 7, 33; d and n not powers of two; k = 1 and k = n; several column splits.
 SHAPES = [(1, 24, 40, 1), (7, 33, 100, 5), (33, 20, 72, 8), (5, 17, 19, 19), (4, 16, 64, 16), (3, 9, 200, 3)]
@@ -205,6 +205,15 @@ def test_torch_compile_encode_decode_without_graph_breaks(compiler):
     assert torch.allclose(got, loss, rtol=1e-5)
     for g, want in zip(got_grads, grads, strict=True):
         assert torch.allclose(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_k_check_names_k_and_what_n_is():
+    """validate.k_of is the one k check (the SAE classes call it with n_name="d_sae")."""
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, d_sae=8\], got 9"):
+        validate.k_of(9, 8, n_name="d_sae")
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, n=8\], got True"):
+        validate.k_of(True, 8)
+    validate.k_of(8, 8)
 
 
 def test_backend_switch():
