@@ -94,6 +94,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw)) if self.has_b_enc else None
         self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
         self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if skip else None
+        self.hints = kernels.EncodeHints()  # what earlier encodes measured (speed only; never saved)
 
     # Shapes and normalisation ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class ReLUSAE(SAE):
         self.p = p
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:
-        return kernels.relu_encode(xn, self.W_enc, self.b_enc, b_dec=self._centre())
+        return kernels.relu_encode(xn, self.W_enc, self.b_enc, b_dec=self._centre(), hints=self.hints)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         if code.k != self.d_sae:
@@ -82,7 +82,7 @@ class JumpReLUSAE(SAE):
 
     def _encode_info(self, xn: torch.Tensor):
         out = kernels.jumprelu_encode(
-            xn, self.W_enc, self.b_enc, self.threshold, bandwidth=self.bandwidth, b_dec=self._centre()
+            xn, self.W_enc, self.b_enc, self.threshold, bandwidth=self.bandwidth, b_dec=self._centre(), hints=self.hints
         )
         return out, out.l0
 
@@ -132,7 +132,9 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
 
     def _encode_info(self, xn: torch.Tensor):
-        out = kernels.gated_encode(xn, self.W_enc, self.b_gate, self.r_mag, self.b_mag, b_dec=self._centre())
+        out = kernels.gated_encode(
+            xn, self.W_enc, self.b_gate, self.r_mag, self.b_mag, b_dec=self._centre(), hints=self.hints
+        )
         return out, SparseCode(out.gate, out.indices)
 
     def _encode(self, xn: torch.Tensor) -> SparseCode:

@@ -137,11 +137,12 @@ class BatchTopKSAE(TopKSAE):
     def _encode(self, xn: torch.Tensor) -> SparseCode:
         W, b, _ = self._weights()
         if self.training or float(self.threshold) < 0:
-            code = kernels.batch_topk_encode(xn, W, b, self.k, b_dec=self._centre())
+            code = kernels.batch_topk_encode(xn, W, b, self.k, b_dec=self._centre(), hints=self.hints)
             if self.training:
                 self._update_threshold(code.values)
             return code
-        return kernels.batch_topk_inference(xn, W, b, float(self.threshold), b_dec=self._centre())
+        theta = float(self.threshold)
+        return kernels.batch_topk_inference(xn, W, b, theta, b_dec=self._centre(), hints=self.hints)
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:

@@ -1,5 +1,7 @@
 """Every SAE class: forward against its float64 reference, loss parts, AuxK, folding, normalisation, moves."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
@@ -235,3 +237,20 @@ def test_dtype_and_device_moves():
     assert model.to("cpu").device.type == "cpu"
     with pytest.raises(ValueError, match="last dimension d_in=20"):
         model(torch.randn(3, 7, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", ["relu", "jumprelu", "gated", "batchtopk"])
+def test_hints_change_speed_not_results(name):
+    """Each model owns its EncodeHints (never saved): a warm model gives what a fresh copy gives."""
+    from sae.registry import ARCHITECTURES
+
+    cls = ARCHITECTURES[name]
+    model = cls(12, 40, **({"k": 4} if "k" in inspect.signature(cls).parameters else {})).eval()
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        first = model(x)
+        warm = model(x)
+        model.hints = kernels.EncodeHints()
+        fresh = model(x)
+    assert torch.equal(first, warm) and torch.equal(warm, fresh)
+    assert "hints" not in model.config() and "hints" not in dict(model.named_buffers())
