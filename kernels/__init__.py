@@ -30,6 +30,7 @@ of the three threshold ops; tests in test_threshold.py); validate.py (argument c
 configs/ (launch configs as data); backend.py (which implementation runs).
 """
 
+from . import _clash as _clash  # first: an ImportError beside Hugging Face's `kernels` distribution (see _clash.py)
 from . import reference
 from .backend import get_backend, set_backend, set_validation, use_backend, validation_enabled
 from .batch_topk import batch_topk_encode, batch_topk_inference
