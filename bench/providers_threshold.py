@@ -34,14 +34,13 @@ def _densify(code: SparseCode, n: int) -> torch.Tensor:
 class _OursFamily(SAEProvider):
     """An `sae` class over the shared weights: its fused encoder, its loss, and `model(x)`."""
 
-    def dense(self, act):
+    def dense(self, code):
         n = self.p.W_enc.shape[0]
-        if isinstance(act, kernels.GatedCode):
-            return _densify(act.code, n), _densify(act.gate, n)
-        return _densify(act.code if isinstance(act, kernels.JumpReLUCode) else act, n), None
+        gated = isinstance(code, kernels.GatedCode)
+        return _densify(code, n), _densify(SparseCode(code.gate, code.indices), n) if gated else None
 
-    def decode(self, act):
-        return self.model.decode(act.code if isinstance(act, (kernels.JumpReLUCode, kernels.GatedCode)) else act)
+    def decode(self, code):
+        return self.model.decode(code)
 
     def loss(self, x):
         return self.model.loss(x)["loss"]
