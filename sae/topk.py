@@ -166,7 +166,7 @@ class BatchTopKSAE(TopKSAE):
         return {**super().config(), "threshold_beta": self.threshold_beta}
 
     def saelens_fields(self) -> dict:  # SAELens's EMA: t <- (1 - lr) t + lr * smallest kept value
-        return {**super().saelens_fields(), "topk_threshold_lr": 1 - self.threshold_beta}
+        return {**super().saelens_fields(), "topk_threshold_lr": round(1 - self.threshold_beta, 12)}
 
     @classmethod
     def config_from_saelens(cls, cfg: dict) -> dict:

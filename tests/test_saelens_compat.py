@@ -67,3 +67,34 @@ def test_training_checkpoint_keeps_its_class(case):
 
 def test_every_fixture_is_checked():
     assert len(CASES) >= 23 and all((FIXTURES / c / "io.safetensors").is_file() for c in CASES)
+
+
+# The reverse direction: sae-lens 6.54.12 reads files written by our sae.save (fixtures/saelens_reads_ours) ------
+
+OURS = Path(__file__).parent / "fixtures" / "saelens_reads_ours"
+OURS_CASES = sorted(p.name for p in OURS.iterdir() if (p / "cfg.json").is_file())
+# saelens_io name -> our io name: sae-lens's BatchTopK training classes select over the batch in encode (our
+# training mode); their *_inference outputs are the JumpReLU form (our eval mode)
+BATCH_NAMES = {"feature_acts": "feature_acts_train", "sae_out": "sae_out_train",
+               "feature_acts_inference": "feature_acts", "sae_out_inference": "sae_out"}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c) for c in OURS_CASES])
+def test_saelens_reads_our_files(case, tmp_path):
+    """sae-lens's outputs on our files (saelens_io) equal ours (io); and today's sae.save still writes exactly
+    the layout sae-lens was shown to read (else rerun write_ours.py and make_fixtures.py --check-ours)."""
+    folder = OURS / case
+    ours, theirs = (st.load_file(str(folder / f)) for f in ("io.safetensors", "saelens_io.safetensors"))
+    names = BATCH_NAMES if "feature_acts_train" in ours else {k: k for k in theirs if k != "x"}
+    assert torch.equal(ours["x"], theirs["x"]) and names
+    for their_name, our_name in names.items():
+        assert_close(ours[our_name], theirs[their_name], torch.float32, f"{case}: {their_name}")
+    sae.save(sae.load(folder), tmp_path / "again")
+    assert (tmp_path / "again" / "cfg.json").read_text() == (folder / "cfg.json").read_text()
+    again = st.load_file(str(tmp_path / "again" / "sae_weights.safetensors"))
+    committed = st.load_file(str(folder / "sae_weights.safetensors"))
+    assert again.keys() == committed.keys() and all(torch.equal(again[k], committed[k]) for k in again)
+
+
+def test_saelens_reads_batchtopk_and_matryoshka():
+    assert {"batchtopk", "matryoshka"} <= set(OURS_CASES)

@@ -6,6 +6,11 @@
 the same class with every argument and tensor. Ordered SAEs (SAELens has none) use the same layout under the
 architecture "ordered". `save(..., inference=True)` exports SAELens's inference form instead.
 
+A model with act_scale != 1 is written as SAELens writes a mid-training checkpoint: normalize_activations
+"expected_average_only_in", inputs scaled by act_scale outside the SAE (our block holds the factor; SAELens's
+reader ignores it). The trainer's export and the inference form fold act_scale into the weights instead. A ReLU
+SAE with a skip connection is SAELens's skip_transcoder, which SAELens reads only without input centering.
+
 A file without our block is read with SAELens's semantics: architecture standard | transcoder | skip_transcoder |
 topk | batchtopk | matryoshka_batchtopk | jumprelu | jumprelu_transcoder | gated; the config fields that change
 the forward (apply_b_dec_to_input, normalize_activations, reshape_activations, rescale_acts_by_decoder_norm) are
@@ -28,6 +33,9 @@ from ..topk import BatchTopKSAE, TopKSAE
 from .common import build, read_json, read_safetensors
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+# the sae-lens release whose layout we write (SAELens reads a cfg without it as a pre-6.0 file); checked by
+# tests/fixtures/saelens/make_fixtures.py --check-ours
+SAELENS_VERSION = "6.54.12"
 OURS = "sae_kernels"  # the cfg.json key of our block
 CLASSES = {cls.architecture: cls for cls in ARCHITECTURES.values()} | {
     alias: cls for cls in ARCHITECTURES.values() for alias in cls.saelens_aliases
@@ -60,6 +68,7 @@ def _cfg(model: SAE) -> dict:
         "reshape_activations": model.reshape_activations,
         **({"d_out": model.d_out} if model.d_out != model.d_in else {}),
         **model.saelens_fields(),
+        "metadata": {"sae_lens_version": SAELENS_VERSION},
     }
     return cfg | {OURS: {"architecture": model.name, "config": model.config()}}
 
