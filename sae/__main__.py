@@ -1,4 +1,4 @@
-"""`python -m sae train` and `python -m sae harvest`.
+"""`python -m sae train`, `harvest`, `eval` and `l0-sweep`.
 
 Options come from defaults, then a JSON config file (--config; keys are the option names with
 underscores), then the flags given. With no options, `train` fits a TopK SAE to synthetic activations with
@@ -210,6 +210,124 @@ HARVEST_HELP = {
 }
 
 
+_SYNTHETIC = ("synthetic_features", "synthetic_l0", "synthetic_correlation", "seed")
+
+EVAL_DEFAULTS = {
+    "data": "synthetic",
+    "labels": None,
+    "directions": None,
+    "embeddings": None,
+    "compare": None,
+    "model": None,
+    "module": None,
+    "text": None,
+    "context": 128,
+    "windows": 64,
+    "out_dir": "eval",
+    "max_tokens": 1 << 16,
+    "batch_size": 4096,
+    "latents": 128,
+    "examples": 10,
+    "before": 8,
+    "after": 4,
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "progress": True,
+    "synthetic_d": 0,
+    **{k: TRAIN_DEFAULTS[k] for k in _SYNTHETIC},
+}
+
+EVAL_HELP = {
+    "data": "'synthetic' (fresh samples of the ground truth; labels and directions are its true features) or a "
+    "harvest folder (shards in order, with token files for contexts)",
+    "labels": "concept labels [N, C] bool (.npy, .pt or .safetensors): coverage, label reconstruction, sparse probing",
+    "directions": "reference concept directions [C, d] (.npy, .pt or .safetensors): concept-cone containment",
+    "embeddings": "embeddings of the inputs [N, e] (.npy, .pt or .safetensors): monosemanticity",
+    "compare": "a second SAE: feature consistency (mean max cosine, optimal matching, per index)",
+    "model": "Hugging Face causal LM (name or path): top logits per latent, token strings; with --text and "
+    "--module, CE loss recovered and KL",
+    "module": "the module the SAE reads, as in the model's (or its base model's) named_modules(), e.g. 'h.6'",
+    "text": "a .txt file (one document per line) or .jsonl file (a 'text' field per line) for the CE loss",
+    "context": "tokens per window for the CE loss",
+    "windows": "windows of --text for the CE loss",
+    "out_dir": "folder for report.json, report.md, the PNG plots, latents.json and dashboard.html",
+    "max_tokens": "activation rows evaluated (the first ones of --data)",
+    "batch_size": "activation rows per batch",
+    "latents": "latents in latents.json and the dashboard (ids 0 .. latents-1)",
+    "examples": "top-activating examples per latent",
+    "before": "context tokens shown before an example's token",
+    "after": "context tokens shown after an example's token",
+    "device": "cpu or cuda",
+    "progress": "show progress bars",
+    "synthetic_d": "synthetic data: input dimension (0: the SAE's d_in)",
+    **{k: TRAIN_HELP[k] for k in _SYNTHETIC},
+}
+
+
+def evaluate(opts: dict) -> dict:
+    from .evals.cli import run_eval
+
+    return run_eval(opts, texts=_texts(opts["text"]) if opts["text"] else None)
+
+
+SWEEP_DEFAULTS = {
+    "arch": "topk",
+    "param": "k",
+    "values": [2, 3, 4, 6, 8, 11, 16],
+    "d_sae": None,
+    "model_kwargs": {},
+    "data": "synthetic",
+    "steps": 400,
+    "batch_size": 256,
+    "lr": 3e-3,
+    "lr_warmup_steps": 20,
+    "eval_tokens": 4096,
+    "nth": 0,
+    "proxy": "c_dec",
+    "out_dir": "l0-sweep",
+    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "seed": 0,
+    "progress": True,
+    "synthetic_d": 32,
+    "synthetic_features": 32,
+    "synthetic_l0": 5.0,
+    "synthetic_correlation": 0.4,
+    "synthetic_exact_l0": True,
+    "synthetic_orthogonal": True,
+}
+
+SWEEP_HELP = {
+    "arch": f"architecture: {', '.join(ARCHITECTURES)}",
+    "param": "the swept constructor argument: k (TopK family) or a sparsity coefficient, e.g. l0_coeff (JumpReLU)",
+    "values": "the sweep's grid of --param values, as JSON",
+    "d_sae": "number of latents (default: 4 * d_in)",
+    "model_kwargs": "extra constructor arguments as JSON",
+    "data": "'synthetic' or a folder of .npy / .safetensors activation shards",
+    "steps": "optimizer steps per run",
+    "batch_size": "tokens per step",
+    "lr": "peak learning rate (Adam)",
+    "lr_warmup_steps": "linear learning-rate warmup",
+    "eval_tokens": "held-out rows for L0, FVU and the n-th decoder projection",
+    "nth": "n of the n-th decoder projection (0: d_sae // 4)",
+    "proxy": "the proxy whose minimum gives the reported L0: c_dec or nth_projection",
+    "out_dir": "folder for sweep.json, sweep.md and sweep.png",
+    "device": "cpu or cuda",
+    "seed": "random seed (initialisation, data)",
+    "progress": "print each run's numbers",
+    "synthetic_d": "synthetic data: input dimension",
+    "synthetic_features": "synthetic data: number of true features",
+    "synthetic_l0": "synthetic data: the true L0 (active features per token)",
+    "synthetic_correlation": "synthetic data: correlation between feature firings",
+    "synthetic_exact_l0": "synthetic data: every token has exactly round(L0) active features",
+    "synthetic_orthogonal": "synthetic data: orthonormal features (needs features <= d)",
+}
+
+
+def l0_sweep(opts: dict) -> dict:
+    from .evals.cli import run_sweep
+
+    return run_sweep(opts)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The CLI's parser and its subcommands' parsers."""
     parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__.split("\n\n")[0])
@@ -218,15 +336,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_options(p_train, TRAIN_DEFAULTS, TRAIN_HELP)
     p_harvest = sub.add_parser("harvest", help="write activation shards from a model over text")
     _add_options(p_harvest, HARVEST_DEFAULTS, HARVEST_HELP)
-    return parser, {"train": p_train, "harvest": p_harvest}
+    p_eval = sub.add_parser("eval", help="evaluate an SAE: report, plots and a latent dashboard")
+    p_eval.add_argument("path", help="the SAE: a folder or file sae.load reads")
+    _add_options(p_eval, EVAL_DEFAULTS, EVAL_HELP)
+    p_sweep = sub.add_parser("l0-sweep", help="train a sweep over k and read the L0 the c_dec proxy points at")
+    _add_options(p_sweep, SWEEP_DEFAULTS, SWEEP_HELP)
+    return parser, {"train": p_train, "harvest": p_harvest, "eval": p_eval, "l0-sweep": p_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser()[0].parse_args(argv)
     if args.command == "train":
         train(_options(args, TRAIN_DEFAULTS))
-    else:
+    elif args.command == "harvest":
         harvest(_options(args, HARVEST_DEFAULTS))
+    elif args.command == "eval":
+        evaluate({**_options(args, EVAL_DEFAULTS), "path": args.path})
+    else:
+        l0_sweep(_options(args, SWEEP_DEFAULTS))
     return 0
 
 

@@ -3,6 +3,17 @@
 The hook records the module's output (the first element when it returns a tuple) and stops the forward
 pass there, so layers after it never run. Activations stream as a Source with a shuffle buffer, or are
 written as shards for `ShardSource`.
+
+Stored format of a harvest folder (`harvest_to_shards`), rows in stream order (window by window, position by
+position):
+
+    shard-00000.safetensors   "activations" [N_s, d] (or shard-00000.npy: the [N_s, d] array)
+    shard-00000.tokens.npz    beside each shard, row for row: "token_ids" [N_s] int32 (the input id at the row),
+                              "sequence" [N_s] int64 (the window's index in the whole harvest), "position" [N_s]
+                              int32 (the row's position in its window)
+
+`ShardSource` reads only the shards; `HarvestedActivations` reads both, in order, for evaluations that show
+each latent's top-activating contexts.
 """
 
 from __future__ import annotations
@@ -12,9 +23,14 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .data import Source, _perm, write_shard
+from .atomic import atomic_write
+from .data import SHARD_SUFFIXES, Source, _perm, _to_torch, open_shard, write_shard
+
+TOKENS_SUFFIX = ".tokens.npz"
+TOKEN_FIELDS = {"token_ids": np.int32, "sequence": np.int64, "position": np.int32}
 
 
 class _Stop(Exception):
@@ -87,6 +103,23 @@ def token_batches(
             buf = buf[need:]
 
 
+def tokens_path(shard: str | os.PathLike) -> Path:
+    """The token file beside a shard: shard-00000.safetensors -> shard-00000.tokens.npz."""
+    shard = Path(shard)
+    return shard.with_name(shard.name[: -len(shard.suffix)] + TOKENS_SUFFIX)
+
+
+def write_tokens(shard: str | os.PathLike, **fields: torch.Tensor) -> Path:
+    """Write the token file of a shard (TOKEN_FIELDS, [N_s] each), atomically."""
+    arrays = {k: fields[k].cpu().numpy().astype(t) for k, t in TOKEN_FIELDS.items()}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # np.savez(str) would append ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    return atomic_write(tokens_path(shard), write)
+
+
 def harvest_to_shards(
     harvester: Harvester,
     batches: Iterable[torch.Tensor],
@@ -96,31 +129,94 @@ def harvest_to_shards(
     max_tokens: int | None = None,
     suffix: str = ".safetensors",
 ) -> list[Path]:
-    """Run the harvester over batches of input ids and write [shard_tokens, d] shards (the last may be
-    shorter) to out_dir as shard-00000<suffix>, ...; stops after max_tokens tokens. Returns the paths."""
+    """Run the harvester over batches of input ids [b, T] and write [shard_tokens, d] shards (the last may be
+    shorter) to out_dir as shard-00000<suffix>, ..., each with its token file (the module docstring has the
+    format); stops after max_tokens tokens. Returns the shards' paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, pending, held, total = [], [], 0, 0
+    paths, pending, held, total, windows = [], [], 0, 0, 0
 
-    def flush(rows: torch.Tensor):
-        paths.append(write_shard(out_dir / f"shard-{len(paths):05d}{suffix}", rows))
+    def flush(parts: list[torch.Tensor]):
+        path = write_shard(out_dir / f"shard-{len(paths):05d}{suffix}", parts[0])
+        write_tokens(path, **dict(zip(TOKEN_FIELDS, parts[1:])))
+        paths.append(path)
 
     for ids in batches:
         acts = harvester(ids).cpu()
+        b, T = ids.shape
+        parts = [
+            acts,
+            ids.reshape(-1).cpu(),
+            torch.arange(windows, windows + b).repeat_interleave(T),
+            torch.arange(T).repeat(b),
+        ]
+        windows += b
         if max_tokens is not None:
-            acts = acts[: max_tokens - total]
-        pending.append(acts)
-        held += acts.shape[0]
-        total += acts.shape[0]
+            parts = [p[: max_tokens - total] for p in parts]
+        pending.append(parts)
+        held += parts[0].shape[0]
+        total += parts[0].shape[0]
         while held >= shard_tokens:
-            rows = torch.cat(pending)
-            flush(rows[:shard_tokens])
-            pending, held = [rows[shard_tokens:]], rows.shape[0] - shard_tokens
+            rows = [torch.cat(p) for p in zip(*pending)]
+            flush([r[:shard_tokens] for r in rows])
+            pending, held = [[r[shard_tokens:] for r in rows]], rows[0].shape[0] - shard_tokens
         if max_tokens is not None and total >= max_tokens:
             break
     if held:
-        flush(torch.cat(pending))
+        flush([torch.cat(p) for p in zip(*pending)])
     return paths
+
+
+class HarvestedActivations:
+    """The shards of a harvest folder read in stream order: an iterable of [<= batch_size, d] batches (read
+    again on every iteration), `rows(idx)` for random access, and `tokens`, the token files' fields as [N]
+    int64 tensors (None when a shard has no token file). The first `max_tokens` rows when given."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        batch_size: int = 4096,
+        max_tokens: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix in SHARD_SUFFIXES)
+        if not paths:
+            raise ValueError(f"folder={str(folder)!r} holds no {' or '.join(SHARD_SUFFIXES)} shards")
+        self.shards = [open_shard(p) for p in paths]
+        self.batch_size, self.dtype = batch_size, dtype
+        sizes = [a.shape[0] for a, _ in self.shards]
+        self.N = sum(sizes) if max_tokens is None else min(sum(sizes), max_tokens)
+        self.starts = np.cumsum([0, *sizes])
+        self.d = self.shards[0][0].shape[1]
+        self.tokens = None
+        if all(tokens_path(p).is_file() for p in paths):
+            files = [np.load(tokens_path(p)) for p in paths]
+            joined = {k: np.concatenate([f[k] for f in files])[: self.N] for k in TOKEN_FIELDS}
+            self.tokens = {k: torch.from_numpy(v).long() for k, v in joined.items()}
+
+    def __len__(self) -> int:
+        return self.N
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for s, (arr, bf16) in enumerate(self.shards):
+            end = min(arr.shape[0], self.N - int(self.starts[s]))
+            for a in range(0, max(end, 0), self.batch_size):
+                yield _to_torch(arr[a : min(a + self.batch_size, end)], bf16).to(self.dtype)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """[len(idx), d]: the rows at the stream positions idx (int, in [0, N))."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.N):
+            raise IndexError(f"rows must be in [0, {self.N})")
+        out = torch.zeros(idx.numel(), self.d, dtype=self.dtype)
+        shard = np.searchsorted(self.starts, idx.numpy(), side="right") - 1
+        for s in np.unique(shard):
+            mine = np.flatnonzero(shard == s)
+            arr, bf16 = self.shards[s]
+            local = idx.numpy()[mine] - int(self.starts[s])
+            out[torch.from_numpy(mine)] = _to_torch(arr[local], bf16).to(self.dtype)
+        return out
 
 
 class HarvestSource(Source):

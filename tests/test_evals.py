@@ -399,3 +399,12 @@ def test_consistency_known_answers():
     assert shuffled["per_index_mean"] < 0.9  # an unordered SAE is not consistent index by index
     with pytest.raises(ValueError, match="disagree on d"):
         evals.consistency(model, torch.randn(4, D + 1))
+
+
+def test_reconstruction_of_a_transcoder_reads_targets():
+    model = sae.TopKSAE(D, NL, 4, d_out=6).eval()
+    x, y = torch.randn(N, D), torch.randn(N, 6)
+    out = evals.reconstruction(model, uneven(x), targets=y, batch_size=50)
+    assert out["fvu"] == pytest.approx(metrics.fvu(y, model(x).detach()).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        evals.reconstruction(model, x)

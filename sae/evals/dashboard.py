@@ -79,7 +79,9 @@ def _row_reader(acts) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda idx: acts[idx.to(acts.device)]
     if hasattr(acts, "rows"):
         return acts.rows
-    raise TypeError("latent_records reads context rows: pass a tensor or sae.harvest.HarvestedActivations")
+    raise TypeError(
+        "latent_records reads context rows by index (random access): pass a tensor or sae.harvest.HarvestedActivations"
+    )
 
 
 def _logit_records(model, lm, latents: list[int], n_logits: int, decode) -> tuple[list, list]:
@@ -120,6 +122,7 @@ def latent_records(
     decode: token ids -> strings (e.g. a tokenizer's per-id decode); lm: a language model whose output
     embeddings give the top and bottom logits.
     """
+    read = _row_reader(acts)
     top = top_activations(model, acts, n_examples=n_examples, batch_size=batch_size, progress=progress)
     N, n = top["tokens"], model.d_sae
     latents = list(range(n)) if latents is None else [int(i) for i in latents]
@@ -139,7 +142,6 @@ def latent_records(
             cand = torch.arange(max(r - before, 0), min(r + after + 1, N))
             windows[r] = cand[tokens["sequence"][cand] == tokens["sequence"][r]].tolist()
     need = sorted({c for w in windows.values() for c in w})
-    read = _row_reader(acts)
     where = {r: j for j, r in enumerate(need)}
     codes = []
     for a in range(0, len(need), batch_size):

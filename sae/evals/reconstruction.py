@@ -34,6 +34,7 @@ def reconstruction(
     model,
     acts: Acts,
     *,
+    targets: Acts | None = None,
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
     bins: int = 20,
@@ -49,6 +50,7 @@ def reconstruction(
     dead_fraction = latents that never fired (`sae.metrics.dead_fraction`); dense_fraction = latents firing on
     more than `dense_threshold` of the tokens; density_histogram = `sae.metrics.firing_histogram` of log10
     firing frequency (dead latents in the first bin). firing_counts: [d_sae] int64 tokens per latent.
+    targets: [N, d_out] (or batches aligned with acts), what a transcoder's output is compared with instead of x.
     (Gao et al., "Scaling and evaluating sparse autoencoders", and SAELens's evaluations.)
     """
     n = model.d_sae
@@ -56,7 +58,11 @@ def reconstruction(
     l0_hist = torch.zeros(1, dtype=torch.long, device=model.device)
     xs, res = _Moments(), _Moments()
     err = l0_sum = 0.0
-    for _, x, code, x_hat in encoded(model, acts, batch_size, decode=True, progress=progress, desc="reconstruction"):
+    if targets is None and model.d_out != model.d_in:
+        raise ValueError(f"a transcoder (d_out={model.d_out} != d_in={model.d_in}) is compared with targets: pass them")
+    stream = encoded(model, acts, batch_size, decode=True, progress=progress, desc="reconstruction", targets=targets)
+    for _, x, code, x_hat, y in stream:
+        x = x if y is None else y.to(x.device)
         b = x.shape[0]
         err += metrics.mse(x, x_hat).item() * b
         l0_sum += metrics.l0(code).item() * b
@@ -70,7 +76,7 @@ def reconstruction(
     N = xs.n
     if N == 0:
         raise ValueError("acts holds no rows")
-    ss = max(xs.m2, metrics._TINY)
+    ss = max(xs.m2, torch.finfo(torch.float32).tiny)
     hist, edges = metrics.firing_histogram(counts, N, bins=bins, low=low)
     return {
         "tokens": N,
