@@ -10,10 +10,16 @@ the inputs were scaled by a dataset-wide constant); then a constant `act_scale` 
 model applies it itself). Losses are measured in the normalised space.
 reshape_activations="hook_z" (SAELens): inputs may be [..., n_heads, d_head] with n_heads * d_head = d_in; they are
 flattened, and outputs come back in the input's shape.
+
+Initial weights are drawn by blocks of INIT_BLOCK latent rows, block j from a generator seeded with (seed, j), seed
+one draw from torch's global generator: row i depends on (seed, i) only, so a latent shard (sae.distributed) builds
+its own rows, and nothing else, with the values one process builds block by block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 
@@ -28,6 +34,45 @@ from . import metrics
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 RESHAPES = ("none", "hook_z")
 LN_EPS = 1e-5
+INIT_BLOCK = 1024  # latent rows per counter-seeded block of the initial weights
+_LATENT_ROWS: contextvars.ContextVar[range | None] = contextvars.ContextVar("latent_rows", default=None)
+
+
+@contextlib.contextmanager
+def latent_rows(rows: range):
+    """Within, SAE constructors draw only these rows of W_enc and W_dec (a latent shard's, for sae.distributed);
+    the other tensors stay whole. What they make is the raw material of a shard, not a model to use."""
+    if not isinstance(rows, range) or not len(rows) or rows.step != 1:
+        raise ValueError(f"rows must be a non-empty range with step 1, got {rows!r}")
+    token = _LATENT_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _LATENT_ROWS.reset(token)
+
+
+def init_seed(device) -> int:
+    """The base seed of a model's initial weights: one draw from torch's global generator (none on meta)."""
+    return 0 if torch.device(device or "cpu").type == "meta" else int(torch.randint(2**62, ()))
+
+
+def init_rows(seed: int, rows: range, d: int, stream: int, device) -> torch.Tensor:
+    """Rows `rows` of an [n, d] matrix of unit-norm Gaussian rows, fp32 [len(rows), d].
+
+    Block j (rows j * INIT_BLOCK onwards) is drawn whole from a generator seeded with (seed, stream, j) and cut to
+    the rows asked for, so any row range gets the rows that one draw of the whole matrix gives. stream tells
+    matrices of one model apart (0: W_dec, 1: W_enc).
+    """
+    out = torch.empty(len(rows), d, dtype=torch.float32, device=device)
+    if out.device.type == "meta" or not len(rows):
+        return out
+    g = torch.Generator(device=out.device)
+    for j in range(rows.start // INIT_BLOCK, -(-rows.stop // INIT_BLOCK)):
+        g.manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + j) % 2**63)
+        block = torch.randn(INIT_BLOCK, d, generator=g, device=out.device)
+        a, b = max(rows.start, j * INIT_BLOCK), min(rows.stop, (j + 1) * INIT_BLOCK)
+        out[a - rows.start : b - rows.start] = block[a - j * INIT_BLOCK : b - j * INIT_BLOCK]
+    return out / out.norm(dim=1, keepdim=True)
 
 
 def _positive_int(name: str, value) -> None:
@@ -82,13 +127,9 @@ class SAE(nn.Module):
         self.act_scale = float(act_scale)
         self.reshape_activations = reshape_activations
         kw = {"dtype": dtype or torch.float32, "device": device}
-        W_dec = torch.randn(d_sae, d_out, dtype=torch.float32, device=device)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        if d_out == d_in:
-            W_enc = W_dec.clone()
-        else:
-            W_enc = torch.randn(d_sae, d_in, dtype=torch.float32, device=device)
-            W_enc /= W_enc.norm(dim=1, keepdim=True)
+        seed, rows = init_seed(device), _LATENT_ROWS.get() or range(d_sae)
+        W_dec = init_rows(seed, rows, d_out, 0, device)
+        W_enc = W_dec.clone() if d_out == d_in else init_rows(seed, rows, d_in, 1, device)
         self.W_dec = nn.Parameter(W_dec.to(**kw))
         self.W_enc = nn.Parameter(W_enc.to(**kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw)) if self.has_b_enc else None
