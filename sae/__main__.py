@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import sys
 
 import torch
@@ -33,6 +34,7 @@ TRAIN_DEFAULTS = {
     "synthetic_correlation": 0.0,
     "resume": False,
     "buffer_tokens": 1 << 16,
+    "latent_shards": 1,
     **{f.name: f.default for f in dataclasses.fields(TrainConfig)},
 }
 
@@ -107,11 +109,13 @@ TRAIN_HELP = {
     "synthetic_correlation": "synthetic data: correlation between feature firings",
     "resume": "continue from the latest checkpoint in out_dir",
     "buffer_tokens": "shard data: shuffle buffer size in tokens",
+    "latent_shards": "split the latents over this many ranks (under torchrun --nproc-per-node N; the N / S data "
+    "groups split each batch); torchrun alone trains data-parallel",
     **{f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)},
 }
 
 
-def build_model(opts: dict, d_in: int) -> torch.nn.Module:
+def build_model(opts: dict, d_in: int, mesh=None) -> torch.nn.Module:
     arch = opts["arch"]
     if arch not in ARCHITECTURES:
         raise SystemExit(f"error: --arch {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
@@ -120,6 +124,10 @@ def build_model(opts: dict, d_in: int) -> torch.nn.Module:
     kwargs = dict(opts["model_kwargs"])
     if "k" in inspect.signature(cls).parameters:
         kwargs.setdefault("k", opts["k"])
+    if mesh is not None:
+        from .distributed import shard_model
+
+        return shard_model(cls, d_in, d_sae, mesh, device=opts["device"], **kwargs)
     return cls(d_in, d_sae, device=opts["device"], **kwargs)
 
 
@@ -127,6 +135,14 @@ def train(opts: dict) -> dict:
     from .data import ShardSource
     from .synthetic import SyntheticActivations, SyntheticSource, feature_recovery
 
+    mesh = None
+    if opts["latent_shards"] > 1 or os.environ.get("WORLD_SIZE"):  # started by torchrun: sae.distributed
+        from .distributed import DistributedTrainer, close, init_mesh
+
+        try:
+            mesh = init_mesh(opts["latent_shards"], opts["device"])
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --latent-shards {opts['latent_shards']}: {e}") from None
     eval_fn = None
     if opts["data"] == "synthetic":
         gen = SyntheticActivations(
@@ -137,14 +153,21 @@ def train(opts: dict) -> dict:
             seed=opts["seed"],
         )
         source = SyntheticSource(gen, opts["batch_size"], seed=opts["seed"])
-        eval_fn = lambda m: {"recovery": feature_recovery(m.W_dec, gen.features)}
+        eval_fn = lambda m: {
+            "recovery": feature_recovery(m.W_dec if mesh is None else m.W_dec.full_tensor(), gen.features)
+        }
     else:
         source = ShardSource(opts["data"], opts["batch_size"], buffer_tokens=opts["buffer_tokens"], seed=opts["seed"])
     torch.manual_seed(opts["seed"])
-    model = build_model(opts, source.d_in)
+    model = build_model(opts, source.d_in, mesh)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in opts.items() if k in fields})
-    summary = Trainer(model, source, config, eval_fn=eval_fn).fit(resume=opts["resume"])
+    trainer = Trainer if mesh is None else DistributedTrainer
+    summary = trainer(model, source, config, eval_fn=eval_fn).fit(resume=opts["resume"])
+    if mesh is not None:
+        close()
+        if os.environ.get("RANK", "0") != "0":
+            return summary
     e = summary["eval"]
     print(
         f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
