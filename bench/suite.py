@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from kernels.gemm import tf32_enabled
 
 from . import largest, measure
 from .inputs import Inputs
@@ -149,7 +150,7 @@ def execute(run: Run) -> dict:
         "git": measure.git_commit(),
         "config": {
             "ours_backend": "triton" if run.device == "cuda" else "torch",
-            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "tf32": tf32_enabled(),
             "timing": "triton.testing.do_bench" if run.device == "cuda" else "median of repeated runs",
             "peak_memory": "cuda max_memory_allocated" if run.device == "cuda" else "peak RSS growth",
         },

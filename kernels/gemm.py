@@ -57,9 +57,21 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def tf32_enabled() -> bool:
+    """Whether torch lets fp32 matrix products run in TF32, read through the new API only.
+
+    `torch.backends.cuda.matmul.fp32_precision` also reflects the legacy `allow_tf32` switch, while reading
+    `allow_tf32` after the new API was set raises; "none" defers to `torch.backends.fp32_precision`.
+    """
+    value = torch.backends.cuda.matmul.fp32_precision
+    if value == "none":
+        value = torch.backends.fp32_precision
+    return value == "tf32"
+
+
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for fp32 inputs, following torch's TF32 switch (others ignore it)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot input precision for fp32 inputs, following torch's TF32 setting (others ignore it)."""
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 

@@ -54,7 +54,10 @@ class TrainConfig:
         None, "a latent is dead (AuxK revives it) after this many tokens without firing; None: a quarter of the "
         "run's tokens, at most 10M, so the window fits inside the run"
     )  # fmt: skip
-    precision: str = _opt("fp32", "fp32, or bf16: a bf16 compute copy with fp32 master weights and Adam")
+    precision: str = _opt(
+        "auto", "auto (bf16 on CUDA for an fp32 model, else fp32), fp32, or bf16: a bf16 compute copy with fp32 "
+        "master weights and Adam"
+    )  # fmt: skip
     p_end: float | None = _opt(None, "ReLU p-annealing: p goes linearly 1 -> p_end; None turns it off")
     anneal_start: float = _opt(0.5, "fraction of the steps where p-annealing starts")
     anneal_every: int = _opt(100, "steps between updates of p (and of the rescaled coefficient)")
@@ -69,8 +72,8 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.init_b_dec not in ("geometric_median", "mean", "zero"):
             raise ValueError(f"init_b_dec must be 'geometric_median', 'mean' or 'zero', got {self.init_b_dec!r}")
         if self.steps < 1:
@@ -94,6 +97,15 @@ def _sync_state(src, dst) -> None:
         setattr(dst, k, v)
 
 
+def compute_precision(precision: str, model: torch.nn.Module) -> str:
+    """The step's compute precision: "auto" is bf16 (fp32 master weights and Adam) for an fp32 model on CUDA,
+    so the kernels run their wgmma bf16 path rather than the IEEE fp32 dot (an FMA loop); fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    param = next(model.parameters())
+    return "bf16" if param.is_cuda and param.dtype == torch.float32 else "fp32"
+
+
 class Trainer:
     """Trains an SAE model (any class of `sae`) on an activation Source.
 
@@ -115,7 +127,8 @@ class Trainer:
         self.cfg = cfg = config or TrainConfig()
         if source.d_in != model.d_in:
             raise ValueError(f"source d_in={source.d_in} does not match model d_in={model.d_in}")
-        if next(model.parameters()).dtype != torch.float32 and cfg.precision == "bf16":
+        self.precision = compute_precision(cfg.precision, model)
+        if next(model.parameters()).dtype != torch.float32 and self.precision == "bf16":
             raise ValueError("precision='bf16' needs fp32 master weights: build the model in float32")
         self.model, self.source = model, source
         self.eval_fn, self.callbacks = eval_fn, list(callbacks)
@@ -124,7 +137,7 @@ class Trainer:
         fused = self.device.type == "cuda" or None  # the fused CUDA Adam (fp32, fp16 and bf16 parameters)
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, fused=fused)
         # bf16: the loss runs on a bf16 copy; its gradients land on the fp32 master weights.
-        self.work = copy.deepcopy(model).to(torch.bfloat16) if cfg.precision == "bf16" else model
+        self.work = copy.deepcopy(model).to(torch.bfloat16) if self.precision == "bf16" else model
         for buf in self.work.buffers() if self.work is not model else ():
             if buf.is_floating_point():  # running statistics (BatchTopK's threshold EMA) stay fp32
                 buf.data = buf.data.float()

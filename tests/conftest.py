@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels.gemm import tf32_enabled  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "torch"]
 
@@ -49,10 +51,11 @@ def poison_empty(monkeypatch):
 @pytest.fixture(autouse=True)
 def exact_fp32():
     """fp32 products in IEEE precision on GPUs too, so fp32 results meet the 1e-5 tolerance."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    previous = torch.backends.cuda.matmul.fp32_precision  # never allow_tf32: it raises once the new API was set
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert not tf32_enabled()
     yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.backends.cuda.matmul.fp32_precision = previous
 
 
 @pytest.fixture(autouse=True)

@@ -69,6 +69,24 @@ def test_ties_go_to_lower_index(backend):
     assert code.indices.tolist() == [list(range(k))] * B
 
 
+@pytest.mark.parametrize("api", ["new", "legacy"])
+def test_fp32_encode_under_either_tf32_api(api):
+    """torch's new TF32 API (fp32_precision) set, then an fp32 encode: reading the legacy switch would raise."""
+    from kernels.gemm import precision
+
+    if api == "new":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    assert precision(torch.float32) == "tf32" and precision(torch.bfloat16) == "tf32"
+    x, W, b, b_dec = make(7, 33, 100, torch.float32)
+    with kernels.use_backend("triton"):
+        code = kernels.topk_encode(x, W, b, 5, b_dec=b_dec)
+    assert_topk(code, ref_f(x, W, b, b_dec), 5, torch.float32)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert precision(torch.float32) == "ieee"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fewer_positives_than_k(backend):
     """Zero slots after the positives hold the lowest ids among the non-positive latents."""

@@ -249,3 +249,19 @@ def test_bf16_training_keeps_batch_topk_threshold_in_fp32(one_thread):
     trainer.fit()
     assert model.threshold.dtype == torch.float32 and trainer.work.threshold.dtype == torch.float32
     assert len(set(seen[1:])) > 50, "the threshold EMA is stuck"
+
+
+def test_auto_precision_is_bf16_for_fp32_models_on_cuda():
+    """The default compute path on CUDA is bf16 (wgmma kernels, fp32 master weights), never the IEEE fp32 dot."""
+    from types import SimpleNamespace
+
+    from sae.trainer import compute_precision
+
+    def model(is_cuda, dtype):
+        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(is_cuda=is_cuda, dtype=dtype)]))
+
+    assert TrainConfig().precision == "auto"
+    assert compute_precision("auto", model(True, torch.float32)) == "bf16"
+    assert compute_precision("auto", model(True, torch.bfloat16)) == "fp32"  # already low precision: as built
+    assert compute_precision("auto", model(False, torch.float32)) == "fp32"
+    assert compute_precision("fp32", model(True, torch.float32)) == "fp32"
