@@ -3,6 +3,10 @@
 A source yields [batch_size, d_in] batches without end (epochs wrap around, reshuffled), draws a sample
 for statistics without moving its position, and saves its position as a small dict, so a resumed run reads
 exactly the batches the interrupted one would have read.
+
+Transcoders train on (input, target) pairs: a paired source has `d_out` set and yields rows
+[batch_size, d_in + d_out], each an input and its target side by side (`split_pairs` parts them), so every
+row-wise operation (shuffling, slicing a batch among data groups) keeps the pairs together.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import torch
 from .atomic import atomic_write
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
+TARGETS = "targets"  # the subfolder of a harvest folder holding the target shards of (input, target) pairs
 
 
 class Source:
-    """Base of the activation sources: `next_batch()` -> [batch_size, d_in]; `sample(n)` -> [n, d_in]."""
+    """Base of the activation sources: `next_batch()` -> [batch_size, d_in]; `sample(n)` -> [n, d_in] (with
+    d_out set: [.., d_in + d_out], inputs then targets)."""
 
     d_in: int
     batch_size: int
+    d_out: int | None = None  # the targets' width, for (input, target) pairs
 
     def next_batch(self) -> torch.Tensor:
         raise NotImplementedError
@@ -44,6 +51,15 @@ class Source:
             yield self.next_batch()
 
 
+def split_pairs(rows: torch.Tensor, d_in: int, d_out: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of a source -> (inputs [.., d_in], targets [.., d_out] or None when the source is not paired)."""
+    if d_out is None:
+        return rows, None
+    if rows.shape[-1] != d_in + d_out:
+        raise ValueError(f"paired rows must have d_in + d_out = {d_in + d_out} columns, got shape {tuple(rows.shape)}")
+    return rows[..., :d_in], rows[..., d_in:]
+
+
 def _perm(n: int, *seeds: int) -> torch.Tensor:
     """A permutation of range(n) fixed by the integers `seeds`."""
     seed = 0
@@ -54,15 +70,29 @@ def _perm(n: int, *seeds: int) -> torch.Tensor:
 
 
 class TensorSource(Source):
-    """Batches of rows of an in-memory tensor acts [N, d_in], reshuffled every epoch (seeded)."""
+    """Batches of rows of an in-memory tensor acts [N, d_in], reshuffled every epoch (seeded); with
+    targets [N, d_out], (input, target) pairs."""
 
-    def __init__(self, acts: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        acts: torch.Tensor,
+        batch_size: int,
+        *,
+        targets: torch.Tensor | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
         if acts.dim() != 2 or acts.shape[0] == 0:
             raise ValueError(f"acts must be a non-empty [N, d_in] tensor, got shape {tuple(acts.shape)}")
         if not 0 < batch_size:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.acts, self.batch_size, self.shuffle, self.seed = acts, batch_size, shuffle, seed
         self.d_in = acts.shape[1]
+        if targets is not None:
+            if targets.dim() != 2 or targets.shape[0] != acts.shape[0]:
+                raise ValueError(f"targets must be [N={acts.shape[0]}, d_out], got shape {tuple(targets.shape)}")
+            self.d_out = targets.shape[1]
+            acts = torch.cat([acts, targets.to(acts.dtype)], 1)
+        self.acts, self.batch_size, self.shuffle, self.seed = acts, batch_size, shuffle, seed
         self.epoch, self.pos = 0, 0
         self._order = None
 
@@ -159,7 +189,9 @@ def write_shard(path: str | os.PathLike, acts: torch.Tensor) -> Path:
 
 
 class ShardSource(Source):
-    """Batches from a folder of shards [N_s, d_in] (.npy or .safetensors), read through memory maps.
+    """Batches from a folder of shards [N_s, d_in] (.npy or .safetensors), read through memory maps. When the
+    folder has a targets/ subfolder (or `targets` names a folder) with a shard [N_s, d_out] of the same name
+    beside each, the source yields (input, target) pairs (d_out set; rows [.., d_in + d_out]).
 
     Each epoch cuts the shards into chunks of `chunk_tokens` rows, shuffles the chunks over all shards, and
     reads them `buffer_tokens` at a time into a shuffle buffer whose rows are permuted before they are
@@ -175,6 +207,7 @@ class ShardSource(Source):
         chunk_tokens: int = 1024,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        targets: str | os.PathLike | None = None,
     ):
         self.paths = sorted(p for p in Path(folder).iterdir() if p.suffix in SHARD_SUFFIXES)
         if not self.paths:
@@ -184,6 +217,20 @@ class ShardSource(Source):
         if len(dims) != 1:
             raise ValueError(f"shards in {folder} disagree on d_in: {sorted(dims)}")
         self.d_in = dims.pop()
+        self.targets = None
+        target_dir = Path(folder) / TARGETS if targets is None else Path(targets)
+        if targets is not None or target_dir.is_dir():
+            missing = [p.name for p in self.paths if not (target_dir / p.name).is_file()]
+            if missing:
+                raise ValueError(f"targets={str(target_dir)!r} has no target shard for {missing[:3]}")
+            self.targets = [open_shard(target_dir / p.name) for p in self.paths]
+            for p, (a, _), (t, _) in zip(self.paths, self.shards, self.targets):
+                if t.shape[0] != a.shape[0]:
+                    raise ValueError(f"{target_dir / p.name}: {t.shape[0]} target rows for {a.shape[0]} input rows")
+            dims = {t.shape[1] for t, _ in self.targets}
+            if len(dims) != 1:
+                raise ValueError(f"target shards in {target_dir} disagree on d_out: {sorted(dims)}")
+            self.d_out = dims.pop()
         self.batch_size, self.seed, self.dtype = batch_size, seed, dtype
         self.chunks = [  # (shard, first row, end row)
             (s, a, min(a + chunk_tokens, arr.shape[0]))
@@ -203,11 +250,7 @@ class ShardSource(Source):
             ids = order[w : w + self.per_window]
             rows = sum(self.chunks[c][2] - self.chunks[c][1] for c in ids)
             if pos < start + rows:
-                parts = []
-                for c in ids:
-                    s, a, b = self.chunks[c]
-                    arr, bf16 = self.shards[s]
-                    parts.append(_to_torch(arr[a:b], bf16).to(self.dtype))
+                parts = [self._rows(s, slice(a, b)) for s, a, b in (self.chunks[c] for c in ids)]
                 buf = torch.cat(parts)
                 return start, buf[_perm(buf.shape[0], self.seed, epoch, w)]
             start += rows
@@ -232,11 +275,20 @@ class ShardSource(Source):
         rows = torch.randint(self.tokens, (min(n, self.tokens),), generator=g).sort().values
         bounds = np.cumsum([0] + [arr.shape[0] for arr, _ in self.shards])
         out = []
-        for s, (arr, bf16) in enumerate(self.shards):
+        for s in range(len(self.shards)):
             local = rows[(rows >= int(bounds[s])) & (rows < int(bounds[s + 1]))] - int(bounds[s])
             if local.numel():
-                out.append(_to_torch(arr[local.numpy()], bf16).to(self.dtype))
+                out.append(self._rows(s, local.numpy()))
         return torch.cat(out)
+
+    def _rows(self, s: int, idx) -> torch.Tensor:
+        """Rows idx (a slice or an index array) of shard s, inputs and (paired) targets side by side."""
+        arr, bf16 = self.shards[s]
+        rows = _to_torch(arr[idx], bf16).to(self.dtype)
+        if self.targets is None:
+            return rows
+        t, t_bf16 = self.targets[s]
+        return torch.cat([rows, _to_torch(t[idx], t_bf16).to(self.dtype)], 1)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}

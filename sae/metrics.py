@@ -107,22 +107,26 @@ def nth_decoder_projection(
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict[str, float]:
-    """Reconstruction and sparsity of `model` (an SAE, through `model.run`) on x [N, d_in], in batches.
+def evaluate(model, x: torch.Tensor, *, target: torch.Tensor | None = None, batch_size: int = 4096) -> dict[str, float]:
+    """Reconstruction and sparsity of `model` (an SAE, through `model.run`) on x [N, d_in], in batches; the
+    reconstruction is measured against target [N, d_out] (transcoders) or x.
 
     Returns mse, fvu, explained_variance, l0 and dead_fraction (latents that never fired on x).
     """
     x = x.reshape(-1, model.d_in)
+    y = x if target is None else target.reshape(-1, model.d_out)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"target must have one row per row of x ({x.shape[0]}), got shape {tuple(target.shape)}")
     counts = torch.zeros(model.d_sae, dtype=torch.long, device=x.device)
-    mean = x.float().mean(0)
+    mean = y.float().mean(0)
     err = sq = l0_sum = res_sq = 0.0
-    res_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    res_sum = torch.zeros(y.shape[1], dtype=torch.float64, device=x.device)
     for a in range(0, x.shape[0], batch_size):
-        xb = x[a : a + batch_size]
+        xb, yb = x[a : a + batch_size], y[a : a + batch_size]
         code, x_hat = model.run(xb)
-        r = xb.float() - x_hat.float()
+        r = yb.float() - x_hat.float()
         err += r.pow(2).sum().item()
-        sq += (xb.float() - mean).pow(2).sum().item()
+        sq += (yb.float() - mean).pow(2).sum().item()
         res_sum += r.sum(0, dtype=torch.float64)
         res_sq += r.double().pow(2).sum().item()
         l0_sum += (code.values != 0).sum().item()

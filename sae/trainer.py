@@ -24,7 +24,7 @@ import torch
 
 from . import metrics, runlog
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Source
+from .data import Source, split_pairs
 from .formats import save
 
 SPARSITY_COEFFS = ("l1_coeff", "l0_coeff")  # scheduled by the sparsity warmup (and p-annealing)
@@ -109,7 +109,8 @@ def compute_precision(precision: str, model: torch.nn.Module) -> str:
 class Trainer:
     """Trains an SAE model (any class of `sae`) on an activation Source.
 
-    eval_data: [N, d_in] raw activations for periodic evaluation (default: a sample of the source);
+    eval_data: [N, d_in] raw activations ([N, d_in + d_out] pairs for a transcoder) for periodic evaluation
+    (default: a sample of the source);
     eval_fn: extra metrics, called with the model (in eval mode); callbacks: called as cb(trainer, parts)
     after every step, parts the step's loss dict (tensors, plus "grad_norm" when clipping).
     """
@@ -127,6 +128,9 @@ class Trainer:
         self.cfg = cfg = config or TrainConfig()
         if source.d_in != model.d_in:
             raise ValueError(f"source d_in={source.d_in} does not match model d_in={model.d_in}")
+        if (source.d_out or source.d_in) != model.d_out:  # a transcoder trains on (input, target) pairs
+            got = f"targets of d_out={source.d_out}" if source.d_out else "no targets"
+            raise ValueError(f"the source has {got}, but the model has d_out={model.d_out} (d_in={model.d_in})")
         self.precision = compute_precision(cfg.precision, model)
         if next(model.parameters()).dtype != torch.float32 and self.precision == "bf16":
             raise ValueError("precision='bf16' needs fp32 master weights: build the model in float32")
@@ -197,19 +201,27 @@ class Trainer:
     def _init_from_data(self) -> None:
         """act_scale and b_dec from a sample of the source (in the model's normalised space)."""
         cfg, model = self.cfg, self.model
-        sample = self.source.sample(cfg.stats_tokens).to(self.device, model.dtype)
+        sample, target = self._split(self.source.sample(cfg.stats_tokens).to(self.device, model.dtype))
         if cfg.normalize:
             model.act_scale = 1.0
             xn = model.normalize(sample).float()
             model.act_scale = math.sqrt(model.d_in) / xn.norm(dim=1).mean().clamp_min(1e-12).item()
-        xn = model.normalize(sample).float()
+        xn, state = model._normalize(model._rows(sample))
+        if target is not None:  # b_dec is the target's offset, in the input's normalised space
+            xn = model._normalize_like(model._rows(target, "d_out", "target"), state)
+        xn = xn.float()
         if cfg.init_b_dec != "zero":
             center = metrics.geometric_median(xn) if cfg.init_b_dec == "geometric_median" else xn.mean(0)
             model.b_dec.copy_(center.to(model.b_dec.dtype))
 
     # One step ----------------------------------------------------------------------------------------
 
-    def _train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A source's rows -> (inputs, targets or None)."""
+        return split_pairs(rows, self.model.d_in, self.source.d_out)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step on inputs x [B, d_in] (and targets y [B, d_out] for a transcoder)."""
         model, work, cfg = self.model, self.work, self.cfg
         self._set_schedules()
         model.train()
@@ -219,8 +231,8 @@ class Trainer:
                 for w, m in zip(work.parameters(), model.parameters()):
                     w.copy_(m)
             _sync_state(model, work)
-            x = x.to(torch.bfloat16)
-        parts = work.loss(x, dead_mask=self.since_fired >= self.dead_tokens)
+            x, y = x.to(torch.bfloat16), None if y is None else y.to(torch.bfloat16)
+        parts = work.loss(x, target=y, dead_mask=self.since_fired >= self.dead_tokens)
         code = parts.pop("code")
         parts["loss"].backward()
         if work is not model:
@@ -279,7 +291,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics on the evaluation set (raw activations; FVU and L0 do not depend on act_scale)."""
         model = self.model.eval()
-        out = metrics.evaluate(model, self.eval_data().to(self.device, model.dtype))
+        x, y = self._split(self.eval_data().to(self.device, model.dtype))
+        out = metrics.evaluate(model, x, target=y)
         out["dead_fraction_train"] = self.dead_fraction()
         out["c_dec"] = metrics.c_dec(model.W_dec, max_latents=8192)
         if self.eval_fn is not None:
@@ -375,8 +388,8 @@ class Trainer:
         start, start_tokens = time.perf_counter(), self.tokens
         t_log, tok_log = start, self.tokens
         while self.step < cfg.steps:
-            x = self.source.next_batch().to(self.device, torch.float32, non_blocking=True)
-            parts = self._train_step(x)
+            batch = self.source.next_batch().to(self.device, torch.float32, non_blocking=True)
+            parts = self._train_step(*self._split(batch))
             for cb in self.callbacks:
                 cb(self, parts)
             last = self.step == cfg.steps
