@@ -408,3 +408,19 @@ def test_reconstruction_of_a_transcoder_reads_targets():
     assert out["fvu"] == pytest.approx(metrics.fvu(y, model(x).detach()).item(), rel=1e-5)
     with pytest.raises(ValueError, match="targets"):
         evals.reconstruction(model, x)
+
+
+def test_evals_run_the_inference_form():
+    """A BatchTopK SAE left in training mode is evaluated as at inference (its global threshold), its running
+    threshold untouched and its mode restored."""
+    model = sae.BatchTopKSAE(D, NL, 3)
+    with torch.no_grad():
+        model.threshold.fill_(0.4)
+    x = torch.randn(N, D)
+    model.train()
+    out = evals.reconstruction(model, x, batch_size=50)
+    assert model.training and model.threshold.item() == pytest.approx(0.4)
+    with torch.no_grad():
+        F = model.eval().encode_sparse(x).to_dense(NL)
+    assert out["l0"] == pytest.approx((F > 0).sum(1).double().mean().item())
+    assert (F[F > 0] > 0.4).all()

@@ -79,8 +79,8 @@ def run_eval(opts: dict, texts=None) -> dict:
     report["reconstruction"] = reconstruction(model, acts, batch_size=bs, progress=progress)
     if labels is not None:
         report["coverage"] = coverage(model, acts, labels, batch_size=bs, progress=progress)
-        report["label_reconstruction"] = label_reconstruction(model, acts, labels, batch_size=bs)
-        report["sparse_probing"] = sparse_probing(model, acts, labels, batch_size=bs)
+        report["label_reconstruction"] = label_reconstruction(model, acts, labels, batch_size=bs, progress=progress)
+        report["sparse_probing"] = sparse_probing(model, acts, labels, batch_size=bs, progress=progress)
     if directions is not None:
         report["cone"] = cone_containment(model, directions)
     if opts["embeddings"]:

@@ -35,7 +35,7 @@ import torch
 
 from .. import metrics
 from ..atomic import atomic_write
-from .stream import Acts, encoded, entries
+from .stream import Acts, encoded, entries, inference
 
 FORMAT = "sae-kernels/latents-1"
 
@@ -144,9 +144,10 @@ def latent_records(
     need = sorted({c for w in windows.values() for c in w})
     where = {r: j for j, r in enumerate(need)}
     codes = []
-    for a in range(0, len(need), batch_size):
-        x = read(torch.tensor(need[a : a + batch_size], dtype=torch.long)).to(model.device)
-        codes.append(model.encode_sparse(x))
+    with inference(model):
+        for a in range(0, len(need), batch_size):
+            x = read(torch.tensor(need[a : a + batch_size], dtype=torch.long)).to(model.device)
+            codes.append(model.encode_sparse(x))
     values = torch.cat([c.values.float() for c in codes]).cpu() if codes else torch.zeros(0, 1)
     indices = torch.cat([c.indices.long() for c in codes]).cpu() if codes else torch.zeros(0, 1, dtype=torch.long)
     if lm is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..harvest import Harvester
 from ..hooks import attach
-from .stream import Progress, batches
+from .stream import Progress, batches, inference
 
 
 def resolve_module(lm: torch.nn.Module, name: str) -> str:
@@ -90,7 +90,7 @@ def ce_loss_recovered(lm, module: str, model, tokens, *, batch_size: int = 8, pr
         ids = ids.to(device)
         target = ids[:, 1:].reshape(-1)
         lp = {"clean": _log_probs(lm, ids)}
-        with attach(block, model, replace=True, keep_codes=False):
+        with inference(model), attach(block, model, replace=True, keep_codes=False):
             lp["spliced"] = _log_probs(lm, ids)
         with _replaced(block, torch.zeros_like):
             lp["zero"] = _log_probs(lm, ids)

@@ -7,6 +7,7 @@ re-iterable (a list of batches, `sae.harvest.HarvestedActivations`); a one-shot 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -84,14 +85,27 @@ def aligned(acts: Acts, batch_size: int, **sides) -> Iterator[tuple]:
             raise ValueError(f"{k} has {v.shape[0]} rows but the activations have {offset}")
 
 
+@contextlib.contextmanager
+def inference(model):
+    """The model in eval mode (BatchTopK's global threshold, no running statistics updated) and without
+    gradients, its previous mode restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
+
+
 def encoded(
     model, acts: Acts, batch_size: int, *, decode: bool = False, progress: bool = False, desc: str = "", **sides
 ) -> Iterator:
-    """(offset, x [b, d_in], code SparseCode [b, K], side batches...) over acts, x on the model's device; with
-    decode, (offset, x, code, x_hat [b, d_out], side batches...)."""
+    """(offset, x [b, d_in], code SparseCode [b, K], side batches...) over acts, x on the model's device, the
+    model in inference mode; with decode, (offset, x, code, x_hat [b, d_out], side batches...)."""
     total = acts.shape[0] if isinstance(acts, (torch.Tensor, np.ndarray)) else None
     bar = Progress(desc, total) if progress else None
-    with torch.no_grad():
+    with inference(model):
         for offset, x, *rest in aligned(acts, batch_size, **sides):
             x = x.to(model.device)
             if decode:
