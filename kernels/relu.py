@@ -3,7 +3,8 @@
 Layout, a function of the inputs only: compact (each row's active latents by id, C the largest row count)
 unless a row keeps more than DENSE_FRACTION of the latents (as at init), then dense (C = n, every latent a
 slot, from one cuBLAS / BLAS product). A hint (EncodeHints.relu_dense) only chooses which pass runs first.
-Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
+Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b);
+in the dense layout every latent is a slot and the gradients are two GEMMs and a column sum (dense_grads).
 """
 
 from __future__ import annotations
@@ -72,18 +73,32 @@ def _(x, W, b, capacity, guess, dense_first):
     )
 
 
+def dense_grads(ctx, dz: torch.Tensor, x: torch.Tensor, W: torch.Tensor):
+    """(grad x, grad W, grad b) of the dense layout, dz [B, n] = dL/dz: dz W, dz^T x and the column sums.
+    Products in x.dtype on CUDA (cuBLAS, fp32 accumulation), in fp32 on the CPU, as relu_dense's."""
+    work = x.dtype if x.is_cuda else torch.float32
+    dz = dz.to(work)
+    grad_x = (dz @ W.to(work)).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_W = (dz.T @ x.to(work)).to(W.dtype) if ctx.needs_input_grad[1] else None
+    grad_b = dz.sum(0, dtype=torch.float32).to(W.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_W, grad_b
+
+
 def _setup(ctx, inputs, output):
-    x, W, b, *_ = inputs
+    x, W, b, capacity, *_ = inputs
     _, indices, aux, _ = output
     ctx.mark_non_differentiable(aux)
     ctx.save_for_backward(x, W, indices, aux)
     ctx.has_bias = b is not None
+    # Compact rows hold at most dense_above(n) < n slots unless a capacity was fixed: C = n is the dense layout.
+    ctx.dense = not capacity and indices.shape[1] == W.shape[0]
 
 
 def _backward(ctx, grad_values, _gi, _ga, _gc):
     x, W, indices, aux = ctx.saved_tensors
     dz = torch.where(aux > 0, grad_values, 0.0)  # empty slots hold z = 0
-    return (*encoder_grads(ctx, dz, indices, x, W), None, None, None)
+    grads = dense_grads(ctx, dz, x, W) if ctx.dense else encoder_grads(ctx, dz, indices, x, W)
+    return (*grads, None, None, None)
 
 
 relu_select.register_autograd(_backward, setup_context=_setup)
