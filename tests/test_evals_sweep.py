@@ -53,3 +53,13 @@ def test_l0_sweep_cli(tmp_path, one_thread, capsys):
     assert [r["value"] for r in result["runs"]] == [2, 3, 5] and result["param"] == "k"
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "points at L0" in (out / "sweep.md").read_text() and "points at L0" in capsys.readouterr().out
+
+
+def test_l0_sweep_cli_errors_name_the_flag():
+    for args, flag in (
+        (["--arch", "nope"], "--arch"),
+        (["--proxy", "l1"], "--proxy"),
+        (["--values", "[2, 4]"], "--values"),
+    ):
+        with pytest.raises(SystemExit, match=f"error: {flag}"):
+            main(["l0-sweep", *args])

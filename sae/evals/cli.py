@@ -10,6 +10,7 @@ import torch
 from ..data import ShardSource
 from ..formats import load
 from ..harvest import HarvestedActivations, token_batches
+from ..registry import ARCHITECTURES
 from ..synthetic import SyntheticActivations, SyntheticSource
 from ..trainer import TrainConfig
 from .concepts import coverage, label_reconstruction, sparse_probing
@@ -20,7 +21,7 @@ from .fidelity import ce_loss_recovered
 from .monosemanticity import monosemanticity
 from .reconstruction import reconstruction
 from .report import load_array, write_report, write_sweep
-from .sweep import l0_sweep
+from .sweep import PROXIES, l0_sweep
 
 
 def _load_sae(path: str, device: str):
@@ -96,8 +97,14 @@ def run_eval(opts: dict, texts=None) -> dict:
         if texts is not None:
             if not opts["module"]:
                 raise SystemExit("error: the CE loss needs --module (the module the SAE reads)")
-            windows = token_batches(texts, tokenizer, context=opts["context"], batch_size=1)
-            ids = torch.cat(list(itertools.islice(windows, opts["windows"])))
+            windows = list(
+                itertools.islice(
+                    token_batches(texts, tokenizer, context=opts["context"], batch_size=1), opts["windows"]
+                )
+            )
+            if not windows:
+                raise SystemExit(f"error: --text holds no window of --context {opts['context']} tokens")
+            ids = torch.cat(windows)
             try:
                 report["fidelity"] = ce_loss_recovered(lm, opts["module"], model, ids, progress=progress)
             except ValueError as e:
@@ -135,6 +142,12 @@ def run_eval(opts: dict, texts=None) -> dict:
 
 def run_sweep(opts: dict) -> dict:
     """Train the sweep of opts["values"] and write sweep.json / .md / .png into opts["out_dir"]."""
+    if opts["arch"] not in ARCHITECTURES:
+        raise SystemExit(f"error: --arch {opts['arch']!r}: expected one of {', '.join(ARCHITECTURES)}")
+    if opts["proxy"] not in PROXIES:
+        raise SystemExit(f"error: --proxy {opts['proxy']!r}: expected one of {', '.join(PROXIES)}")
+    if len(opts["values"]) < 3:
+        raise SystemExit(f"error: --values needs at least 3 points, got {opts['values']}")
     if opts["data"] == "synthetic":
         gen = SyntheticActivations(
             opts["synthetic_d"],

@@ -25,15 +25,13 @@ def resolve_module(lm: torch.nn.Module, name: str) -> str:
     """`name` as a module of lm, or of its base model (a harvest hooks "h.3" of GPT2Model; the causal LM
     calls it "transformer.h.3"). ValueError naming the closest modules otherwise."""
     prefix = getattr(lm, "base_model_prefix", "")
-    for full in (name, f"{prefix}.{name}" if prefix else None):
-        if full is not None:
-            try:
-                lm.get_submodule(full)
-                return full
-            except AttributeError:
-                pass
-    Harvester(lm, name)  # raises the error naming the closest modules
-    raise AssertionError("unreachable")
+    for full in [name] + ([f"{prefix}.{name}"] if prefix else []):
+        try:
+            lm.get_submodule(full)
+            return full
+        except AttributeError:
+            continue
+    return Harvester(lm, name).module_name  # raises the ValueError that names the closest modules
 
 
 @contextlib.contextmanager

@@ -51,9 +51,11 @@ def reiterable(acts: Acts, what: str) -> None:
 
 
 def count_rows(acts: Acts) -> int:
-    """N, the rows of acts (an iterable is read once, without encoding)."""
+    """N, the rows of acts (an iterable of batches is read once, without encoding)."""
     if isinstance(acts, (torch.Tensor, np.ndarray)):
         return acts.shape[0]
+    if hasattr(acts, "rows"):  # a row reader (sae.harvest.HarvestedActivations): len() counts rows
+        return len(acts)
     return sum(b.shape[0] for b in batches(acts, 1))
 
 
