@@ -300,6 +300,9 @@ def test_cone_known_answers():
     assert out["cos"][1, 0] == pytest.approx(2 / 5**0.5, abs=1e-6) and out["cos"][1, 1] == pytest.approx(1, abs=1e-6)
     assert out["cos"][2].tolist() == [0, 0, 0]
     assert out["atoms"][0, :2].tolist() in ([0, 3], [3, 0])
+    gen = SyntheticActivations(12, 12, 3, orthogonal=True, seed=5)  # the true features lie in their own cone
+    truth = evals.cone_containment(true_feature_sae(gen), gen.features, sizes=(1,))
+    assert truth["cos"][:, 0].tolist() == pytest.approx([1.0] * 12, abs=1e-6)
     with pytest.raises(ValueError, match="directions"):
         evals.cone_containment(W, torch.randn(3, 7))
 
