@@ -16,10 +16,12 @@ setup(
         "hub": ["huggingface_hub>=0.23", "pyyaml>=6"],
         "tensorboard": ["tensorboard>=2.12"],
         "wandb": ["wandb>=0.17"],
+        "datasets": ["datasets>=2.19", "transformers>=4.40"],  # --dataset, training from a running model
         "evals": ["scipy>=1.10", "matplotlib>=3.7"],  # NNLS and optimal matching; the eval plots
         # selenium drives Debian's chromium and chromium-driver (.ci/run installs them) in the dashboard test
         "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40", "huggingface_hub>=0.23", "pyyaml>=6",
-                 "tensorboard>=2.12", "wandb>=0.17", "scipy>=1.10", "matplotlib>=3.7", "selenium>=4.10"],  # fmt: skip
+                 "tensorboard>=2.12", "wandb>=0.17", "datasets>=2.19",
+                 "scipy>=1.10", "matplotlib>=3.7", "selenium>=4.10"],  # fmt: skip
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
         "peers": ["eai-sparsify"],
     },

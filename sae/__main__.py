@@ -35,6 +35,19 @@ TRAIN_DEFAULTS = {
     "resume": False,
     "buffer_tokens": 1 << 16,
     "latent_shards": 1,
+    "model": None,
+    "module": None,
+    "target_module": None,
+    "skip": False,
+    "text": None,
+    "dataset": None,
+    "split": "train",
+    "column": "text",
+    "streaming": False,
+    "context": 128,
+    "prepend_bos": True,
+    "model_batch_size": 8,
+    "model_dtype": "float32",
     **{f.name: f.default for f in dataclasses.fields(TrainConfig)},
 }
 
@@ -50,6 +63,24 @@ HARVEST_DEFAULTS = {
     "format": "safetensors",
     "device": "cuda" if torch.cuda.is_available() else "cpu",
     "dtype": "float32",
+    "target_module": None,
+    "dataset": None,
+    "split": "train",
+    "column": "text",
+    "streaming": False,
+    "prepend_bos": True,
+}
+
+TEXT_HELP = {  # the options that feed a model with text (harvest, and train from a running model)
+    "target_module": "transcoders: the module whose output is the target (e.g. 'h.3.mlp' with --module "
+    "'h.3.ln_2'); (input, target) pairs, the targets beside the inputs",
+    "text": "a .txt file (one document per line) or .jsonl file (a 'text' field per line)",
+    "dataset": "a Hugging Face dataset: a local .parquet / .json / .jsonl / .csv / .arrow / .txt file, a folder of "
+    "them or one written by save_to_disk, or a Hub name (needs the `datasets` package)",
+    "split": "the dataset's split",
+    "column": "the dataset's text column",
+    "streaming": "stream the dataset instead of loading (and caching) it whole",
+    "prepend_bos": "start each context window with BOS and separate documents by BOS, as SAELens does",
 }
 
 
@@ -111,17 +142,26 @@ TRAIN_HELP = {
     "buffer_tokens": "shard data: shuffle buffer size in tokens",
     "latent_shards": "split the latents over this many ranks (under torchrun --nproc-per-node N; the N / S data "
     "groups split each batch); torchrun alone trains data-parallel",
+    "model": "train from a running model (no stored activations): Hugging Face model name or path",
+    "module": "with --model: the module whose output the SAE reads, as in model.named_modules(), e.g. 'h.6'",
+    "skip": "add a skip connection W_skip (transcoders: skip transcoders)",
+    "context": "with --model: tokens per window",
+    "model_batch_size": "with --model: windows per forward pass of the model",
+    "model_dtype": "with --model: the model's dtype: float32, float16 or bfloat16",
+    **TEXT_HELP,
     **{f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)},
 }
 
 
-def build_model(opts: dict, d_in: int, mesh=None) -> torch.nn.Module:
+def build_model(opts: dict, d_in: int, mesh=None, d_out: int | None = None) -> torch.nn.Module:
+    """The SAE the options describe; d_out: the targets' width for a transcoder (no input centering)."""
     arch = opts["arch"]
     if arch not in ARCHITECTURES:
         raise SystemExit(f"error: --arch {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
     cls = ARCHITECTURES[arch]
     d_sae = opts["d_sae"] or opts["expansion"] * d_in
-    kwargs = dict(opts["model_kwargs"])
+    kwargs = {"skip": opts["skip"]} | ({"d_out": d_out, "apply_b_dec_to_input": False} if d_out else {})
+    kwargs |= opts["model_kwargs"]
     if "k" in inspect.signature(cls).parameters:
         kwargs.setdefault("k", opts["k"])
     if mesh is not None:
@@ -144,7 +184,7 @@ def train(opts: dict) -> dict:
         except (RuntimeError, ValueError) as e:
             raise SystemExit(f"error: --latent-shards {opts['latent_shards']}: {e}") from None
     eval_fn = None
-    if opts["data"] == "synthetic":
+    if opts["data"] == "synthetic" and not opts["model"]:
         gen = SyntheticActivations(
             opts["synthetic_d"],
             opts["synthetic_features"],
@@ -156,10 +196,17 @@ def train(opts: dict) -> dict:
         eval_fn = lambda m: {
             "recovery": feature_recovery(m.W_dec if mesh is None else m.W_dec.full_tensor(), gen.features)
         }
+    elif opts["model"]:
+        from .harvest import HarvestSource
+
+        harvester, batches = _model_text(opts, opts["model_batch_size"], getattr(torch, opts["model_dtype"]), "train")
+        source = HarvestSource(
+            harvester, batches, opts["batch_size"], buffer_tokens=opts["buffer_tokens"], seed=opts["seed"]
+        )
     else:
         source = ShardSource(opts["data"], opts["batch_size"], buffer_tokens=opts["buffer_tokens"], seed=opts["seed"])
     torch.manual_seed(opts["seed"])
-    model = build_model(opts, source.d_in, mesh)
+    model = build_model(opts, source.d_in, mesh, source.d_out)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in opts.items() if k in fields})
     trainer = Trainer if mesh is None else DistributedTrainer
@@ -188,24 +235,46 @@ def _texts(path: str):
                 yield json.loads(line)["text"] if path.endswith(".jsonl") else line.rstrip("\n")
 
 
-def harvest(opts: dict) -> list:
-    from .harvest import Harvester, harvest_to_shards, token_batches
+def _model_text(opts: dict, batch_size: int, dtype: torch.dtype, command: str):
+    """(Harvester of --module [and --target-module] of --model, re-iterable of [batch_size, context] input ids
+    of --text or --dataset)."""
+    from . import corpus
+    from .harvest import Harvester
 
-    for name in ("model", "module", "text"):
+    for name in ("model", "module"):
         if not opts[name]:
-            raise SystemExit(f"error: harvest needs --{name}")
+            raise SystemExit(f"error: {command} needs --{name}")
+    if not (opts["text"] or opts["dataset"]):
+        raise SystemExit(f"error: {command} needs --text or --dataset")
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
-        raise SystemExit("error: harvesting from a named model needs the `transformers` package") from e
-    dtype = getattr(torch, opts["dtype"])
+        raise SystemExit(f"error: {command} from a named model needs the `transformers` package") from e
     tokenizer = AutoTokenizer.from_pretrained(opts["model"])
     model = AutoModel.from_pretrained(opts["model"], dtype=dtype).to(opts["device"])
     try:
-        harvester = Harvester(model, opts["module"], dtype=dtype)
+        harvester = Harvester(model, opts["module"], target_module=opts["target_module"], dtype=dtype)
     except ValueError as e:
-        raise SystemExit(f"error: --module: {e}") from None
-    batches = token_batches(_texts(opts["text"]), tokenizer, context=opts["context"], batch_size=opts["batch_size"])
+        flag = "--target-module" if str(e).startswith("target_module") else "--module"
+        raise SystemExit(f"error: {flag}: {e}") from None
+    if opts["dataset"]:
+        try:
+            ds = corpus.load_dataset(opts["dataset"], split=opts["split"], streaming=opts["streaming"])
+        except (ImportError, ValueError) as e:
+            raise SystemExit(f"error: --dataset: {e}") from None
+        docs = lambda: corpus.texts(ds, opts["column"])
+    else:
+        docs = lambda: _texts(opts["text"])
+    batches = corpus.TokenBatches(
+        docs, tokenizer, context=opts["context"], batch_size=batch_size, prepend_bos=opts["prepend_bos"]
+    )
+    return harvester, batches
+
+
+def harvest(opts: dict) -> list:
+    from .harvest import harvest_to_shards
+
+    harvester, batches = _model_text(opts, opts["batch_size"], getattr(torch, opts["dtype"]), "harvest")
     paths = harvest_to_shards(
         harvester,
         batches,
@@ -221,8 +290,7 @@ def harvest(opts: dict) -> list:
 HARVEST_HELP = {
     "model": "Hugging Face model name or local path",
     "module": "dotted module name to hook, as in model.named_modules(), e.g. 'encoder.layer.3' or 'layers.6'",
-    "text": "a .txt file (one document per line) or .jsonl file (a 'text' field per line)",
-    "out_dir": "folder for the shards",
+    "out_dir": "folder for the shards (and targets/ with --target-module)",
     "context": "tokens per window",
     "batch_size": "windows per forward pass",
     "max_tokens": "stop after this many tokens",
@@ -230,6 +298,7 @@ HARVEST_HELP = {
     "format": "shard format: safetensors or npy",
     "device": "cpu or cuda",
     "dtype": "activation dtype: float32, float16 or bfloat16",
+    **TEXT_HELP,
 }
 
 

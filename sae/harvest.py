@@ -2,7 +2,8 @@
 
 The hook records the module's output (the first element when it returns a tuple) and stops the forward
 pass there, so layers after it never run. Activations stream as a Source with a shuffle buffer, or are
-written as shards for `ShardSource`.
+written as shards for `ShardSource`. With a target module (transcoders) the harvester records both modules
+and yields (input, target) pairs, rows [tokens, d_in + d_out] side by side (sae.data's paired rows).
 
 Stored format of a harvest folder (`harvest_to_shards`), rows in stream order (window by window, position by
 position):
@@ -11,6 +12,7 @@ position):
     shard-00000.tokens.npz    beside each shard, row for row: "token_ids" [N_s] int32 (the input id at the row),
                               "sequence" [N_s] int64 (the window's index in the whole harvest), "position" [N_s]
                               int32 (the row's position in its window)
+    targets/shard-00000.*     with a target module: the target module's activations [N_s, d_out], row for row
 
 `ShardSource` reads only the shards; `HarvestedActivations` reads both, in order, for evaluations that show
 each latent's top-activating contexts.
@@ -19,15 +21,17 @@ each latent's top-activating contexts.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .data import SHARD_SUFFIXES, Source, _perm, _to_torch, open_shard, write_shard
+from .corpus import context_windows, window_batches
+from .data import SHARD_SUFFIXES, TARGETS, Source, _perm, _to_torch, open_shard, split_pairs, write_shard
 
 TOKENS_SUFFIX = ".tokens.npz"
 TOKEN_FIELDS = {"token_ids": np.int32, "sequence": np.int64, "position": np.int32}
@@ -37,70 +41,87 @@ class _Stop(Exception):
     pass
 
 
+def _submodule(model: torch.nn.Module, name: str, arg: str) -> torch.nn.Module:
+    """model's module `name`, or a ValueError naming the argument and the closest module names."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        names = [n for n, _ in model.named_modules() if n]
+        # "layers.2" for "encoder.layer.2": prefer the names with the same last part, then the closest
+        tail = [n for n in names if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+        close = difflib.get_close_matches(name, tail or names, n=5, cutoff=0 if tail else 0.5)
+        close = close or names[:5]
+        raise ValueError(
+            f"{arg}={name!r} is not a module of the model; closest: {', '.join(close)} "
+            f"(all {len(names)}: model.named_modules())"
+        ) from e
+
+
 class Harvester:
     """Activations of `module_name` (a dotted name, as in model.named_modules()) of `model`.
 
     Call with input_ids [b, T] (and optionally attention_mask [b, T]) -> [tokens, d] in `dtype`: the
-    activations at every position, padding positions (mask 0) dropped.
+    activations at every position, padding positions (mask 0) dropped. With `target_module` (a transcoder's
+    target): [tokens, d_in + d_out], each row the input module's activation and the target module's side by
+    side; the forward pass stops once both have run. d_in and d_out (None without a target) are set by the
+    first call.
     """
 
-    def __init__(self, model: torch.nn.Module, module_name: str, *, dtype: torch.dtype = torch.float32):
-        try:
-            self.module = model.get_submodule(module_name)
-        except AttributeError as e:
-            names = [n for n, _ in model.named_modules() if n]
-            # "layers.2" for "encoder.layer.2": prefer the names with the same last part, then the closest
-            tail = [n for n in names if n.rsplit(".", 1)[-1] == module_name.rsplit(".", 1)[-1]]
-            close = difflib.get_close_matches(module_name, tail or names, n=5, cutoff=0 if tail else 0.5)
-            close = close or names[:5]
-            raise ValueError(
-                f"module_name={module_name!r} is not a module of the model; closest: {', '.join(close)} "
-                f"(all {len(names)}: model.named_modules())"
-            ) from e
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        module_name: str,
+        *,
+        target_module: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.module = _submodule(model, module_name, "module_name")
+        self.target = None if target_module is None else _submodule(model, target_module, "target_module")
         self.model, self.module_name, self.dtype = model.eval(), module_name, dtype
         self.device = next(model.parameters()).device
+        self.d_in = self.d_out = None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        caught = []
+        wanted = {"input": self.module} | ({} if self.target is None else {"target": self.target})
+        caught = {}
 
-        def hook(_module, _inputs, output):
-            caught.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
+        def hook(key):
+            def record(_module, _inputs, output):
+                caught.setdefault(key, output[0] if isinstance(output, tuple) else output)
+                if len(caught) == len(wanted):
+                    raise _Stop
 
-        handle = self.module.register_forward_hook(hook)
+            return record
+
+        handles = [m.register_forward_hook(hook(key)) for key, m in wanted.items()]
         try:
             kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
             self.model(input_ids.to(self.device), **kwargs)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if not caught:
+            for h in handles:
+                h.remove()
+        if "input" not in caught:
             raise RuntimeError(f"module {self.module_name!r} did not run in the forward pass")
-        acts = caught[0]
-        acts = acts.reshape(-1, acts.shape[-1])
+        if len(caught) < len(wanted):
+            raise RuntimeError("the target module did not run in the forward pass")
+        rows = [a.reshape(-1, a.shape[-1]) for a in (caught[k] for k in wanted)]
+        self.d_in, self.d_out = rows[0].shape[1], rows[1].shape[1] if len(rows) > 1 else None
+        acts = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
         if attention_mask is not None:
             acts = acts[attention_mask.reshape(-1).to(acts.device).bool()]
         return acts.to(self.dtype)
 
 
 def token_batches(
-    texts: Iterable[str], tokenizer, *, context: int = 128, batch_size: int = 8
+    texts: Iterable[str], tokenizer, *, context: int = 128, batch_size: int = 8, prepend_bos: bool = True
 ) -> Iterator[torch.Tensor]:
-    """Tokenise texts, join them with the tokenizer's EOS token, and cut the stream into [batch_size,
-    context] batches of input ids (a final partial batch is dropped). tokenizer: a Hugging Face tokenizer, or
-    any callable tokenizer(text, verbose=False) -> {"input_ids": [...]}."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    buf: list[int] = []
-    need = context * batch_size
-    for text in texts:
-        buf.extend(tokenizer(text, verbose=False)["input_ids"])  # long texts are cut into windows below
-        if eos is not None:
-            buf.append(eos)
-        while len(buf) >= need:
-            yield torch.tensor(buf[:need]).reshape(batch_size, context)
-            buf = buf[need:]
+    """[batch_size, context] batches of input ids from texts: context windows with SAELens's BOS rule
+    (sae.corpus.context_windows), a final partial batch dropped. tokenizer: a Hugging Face tokenizer, or any
+    callable tokenizer(text, add_special_tokens=False, verbose=False) -> {"input_ids": [...]}."""
+    return window_batches(context_windows(texts, tokenizer, context, prepend_bos=prepend_bos), batch_size)
 
 
 def tokens_path(shard: str | os.PathLike) -> Path:
@@ -130,14 +151,19 @@ def harvest_to_shards(
     suffix: str = ".safetensors",
 ) -> list[Path]:
     """Run the harvester over batches of input ids [b, T] and write [shard_tokens, d] shards (the last may be
-    shorter) to out_dir as shard-00000<suffix>, ..., each with its token file (the module docstring has the
-    format); stops after max_tokens tokens. Returns the shards' paths."""
+    shorter) to out_dir as shard-00000<suffix>, ..., each with its token file and, for a harvester with a
+    target module, its target shard in out_dir/targets/ (the module docstring has the format); stops after
+    max_tokens tokens. Returns the shards' paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TARGETS if harvester.target is not None else out_dir).mkdir(parents=True, exist_ok=True)
     paths, pending, held, total, windows = [], [], 0, 0, 0
 
     def flush(parts: list[torch.Tensor]):
-        path = write_shard(out_dir / f"shard-{len(paths):05d}{suffix}", parts[0])
+        acts, targets = split_pairs(parts[0], harvester.d_in, harvester.d_out)
+        name = f"shard-{len(paths):05d}{suffix}"
+        if targets is not None:  # first, so that an input shard on disk always has its target
+            write_shard(out_dir / TARGETS / name, targets)
+        path = write_shard(out_dir / name, acts)
         write_tokens(path, **dict(zip(TOKEN_FIELDS, parts[1:])))
         paths.append(path)
 
@@ -220,36 +246,52 @@ class HarvestedActivations:
 
 
 class HarvestSource(Source):
-    """Streams activations from a model over a sequence of input-id batches (wrapping around at the end).
+    """Streams activations from a running model over input-id batches (wrapping around at the end): the
+    on-the-fly source, for runs whose activations are too many to store.
 
-    Activations of successive batches fill a shuffle buffer of at least `buffer_tokens` rows, which is
-    permuted (seeded by the epoch and its first batch) and served. The position is (epoch, first batch of
-    the buffer, row in the buffer); a resumed source recomputes that buffer and continues exactly.
+    batches: a list of [b, T] input ids, or any re-iterable of them (each pass reads them again, e.g.
+    sae.corpus.TokenBatches over a streamed dataset). Activations of successive batches fill a shuffle buffer
+    of at least `buffer_tokens` rows, which is permuted (seeded by the epoch and its first batch) and served.
+    The position is (epoch, first batch of the buffer, row in the buffer); a resumed source skips to that
+    batch, recomputes the buffer and continues exactly. A harvester with a target module gives (input,
+    target) pairs (d_out set).
     """
 
     def __init__(
         self,
         harvester: Harvester,
-        batches: Sequence[torch.Tensor],
+        batches: Iterable[torch.Tensor],
         batch_size: int,
         *,
         buffer_tokens: int = 1 << 14,
         seed: int = 0,
     ):
-        if len(batches) == 0:
+        first = next(iter(batches), None)
+        if first is None:
             raise ValueError("batches must hold at least one batch of input ids")
         self.harvester, self.batches, self.batch_size = harvester, batches, batch_size
         self.buffer_tokens, self.seed = buffer_tokens, seed
-        self.d_in = harvester(batches[0][:1, :1]).shape[-1]
+        harvester(first[:1, :1])
+        self.d_in, self.d_out = harvester.d_in, harvester.d_out
         self.epoch, self.first, self.pos = 0, 0, 0
-        self._buf, self._next = None, 0
+        self._buf, self._next, self._reader, self._last = None, 0, None, False
 
     def _fill(self) -> None:
-        parts, rows, i = [], 0, self.first
-        while rows < self.buffer_tokens and i < len(self.batches):
-            parts.append(self.harvester(self.batches[i]))
-            rows += parts[-1].shape[0]
-            i += 1
+        while True:
+            if self._reader is None:  # (re)start reading at batch `first`
+                self._reader = itertools.islice(iter(self.batches), self.first, None)
+            parts, rows, i = [], 0, self.first
+            while rows < self.buffer_tokens:
+                ids = next(self._reader, None)
+                if ids is None:
+                    break
+                parts.append(self.harvester(ids))
+                rows += parts[-1].shape[0]
+                i += 1
+            self._last = rows < self.buffer_tokens  # the reader ran out: this buffer ends the epoch
+            if parts:
+                break
+            self.epoch, self.first, self._reader = self.epoch + 1, 0, None  # the epoch ended on a buffer's edge
         buf = torch.cat(parts)
         self._buf, self._next = buf[_perm(buf.shape[0], self.seed, self.epoch, self.first).to(buf.device)], i
 
@@ -264,8 +306,8 @@ class HarvestSource(Source):
             self.pos += take.shape[0]
             if self.pos == self._buf.shape[0]:
                 self.first, self.pos, self._buf = self._next, 0, None
-                if self.first == len(self.batches):
-                    self.epoch, self.first = self.epoch + 1, 0
+                if self._last:
+                    self.epoch, self.first, self._reader = self.epoch + 1, 0, None
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def sample(self, n: int) -> torch.Tensor:
@@ -282,4 +324,4 @@ class HarvestSource(Source):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.first, self.pos = state["epoch"], state["first"], state["pos"]
-        self._buf = None
+        self._buf, self._reader = None, None

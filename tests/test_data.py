@@ -112,9 +112,9 @@ def test_harvester_hooks_a_named_module():
 
 
 class CharTokenizer:
-    eos_token_id = 0
+    bos_token_id = 0
 
-    def __call__(self, text, verbose=True):
+    def __call__(self, text, add_special_tokens=True, verbose=True):
         return {"input_ids": [1 + ord(c) % 49 for c in text]}
 
 
