@@ -69,6 +69,7 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "checkpoints kept")
     out_dir: str | None = _opt(None, "folder for log.jsonl, checkpoints/ and the exported SAE; None: write nothing")
     log: str = _opt("jsonl", "run logs under out_dir, comma-separated: jsonl, tensorboard, wandb (sae.runlog)")
+    export_format: str = _opt("saelens", "layout of the exported SAE: saelens, or sparsify (TopK, d_out == d_in)")
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         self.betas = tuple(self.betas)
         runlog.parse_kinds(self.log)
+        if self.export_format not in ("saelens", "sparsify"):
+            raise ValueError(f"export_format must be 'saelens' or 'sparsify', got {self.export_format!r}")
 
 
 def _numeric_attrs(model) -> dict:
@@ -426,10 +429,10 @@ class Trainer:
         return summary
 
     def save_export(self, path: str | Path) -> Path:
-        """Save the model (`sae.save`) with act_scale folded into its weights, so that every reader of the
-        SAELens layout sees an SAE of raw activations."""
+        """Save the model (`sae.save`, in config.export_format's layout) with act_scale folded into its
+        weights, so that every reader sees an SAE of raw activations."""
         path = Path(path)
         model = copy.deepcopy(self.model)
         model.fold_act_scale()
-        save(model, path)
+        save(model, path, format=self.cfg.export_format)
         return path

@@ -193,11 +193,15 @@ def test_cli_transcoder_harvest_then_train(tiny_gpt2, tmp_path):
     got = torch.cat([src._rows(s, slice(None)) for s in range(len(src.shards))])
     torch.testing.assert_close(got, expected)
     runs = tmp_path / "runs"
-    for arch, saved in (("relu", "skip_transcoder"), ("topk", "topk")):
+    for arch, fmt in (("relu", "saelens"), ("topk", "sparsify")):
         main(["train", "--data", str(out), "--arch", arch, "--skip", "true", "--steps", "15", "--batch-size", "32",
-              "--expansion", "2", "--k", "4", "--progress", "false", "--out-dir", str(runs / arch)])  # fmt: skip
+              "--expansion", "2", "--k", "4", "--progress", "false", "--export-format", fmt,
+              "--out-dir", str(runs / arch)])  # fmt: skip
         cfg = json.loads((runs / arch / "sae" / "cfg.json").read_text())
-        assert cfg["architecture"] == saved and cfg["apply_b_dec_to_input"] is False
+        if fmt == "saelens":
+            assert cfg["architecture"] == "skip_transcoder" and cfg["apply_b_dec_to_input"] is False
+        else:  # sparsify's TopK transcoder
+            assert cfg["transcode"] and cfg["skip_connection"] and (runs / arch / "sae" / "sae.safetensors").is_file()
         assert sae.load(runs / arch / "sae").W_skip is not None
 
 

@@ -132,3 +132,29 @@ def test_shard_targets_errors_name_the_file(tmp_path):
     np.save(tmp_path / "targets" / "shard-00001.npy", np.zeros((9, 2), np.float32))
     with pytest.raises(ValueError, match=r"shard-00001.npy: 9 target rows for 10 input rows"):
         ShardSource(tmp_path, 4)
+
+
+def test_topk_transcoder_in_sparsify_layout(tmp_path):
+    """sparsify has TopK transcoders (d_out == d_in): the trained model written in its layout, read back, and
+    its forward pass as sparsify computes it (ReLU, top-k, decode, + W_skip x; no centering when transcoding)."""
+    _, x, y, _ = pairs(d_out=D_IN)
+    torch.manual_seed(0)
+    model = sae.TopKSAE(D_IN, 32, 3, skip=True, apply_b_dec_to_input=False)
+    Trainer(model, TensorSource(x, 128, targets=y), cfg(30)).fit()
+    assert model.act_scale != 1.0  # folded into the weights on the way out
+    sae.save(model, tmp_path / "sp", format="sparsify")
+    saved = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert saved | {"num_latents": 32, "k": 3, "transcode": True, "skip_connection": True, "d_in": D_IN} == saved
+    from safetensors.torch import load_file
+
+    t = {k: v.double() for k, v in load_file(str(tmp_path / "sp" / "sae.safetensors")).items()}
+    xs = x[:50].double()
+    top = (xs @ t["encoder.weight"].T + t["encoder.bias"]).relu().topk(3, dim=-1)
+    ref = (top.values[..., None] * t["W_dec"][top.indices]).sum(1) + t["b_dec"] + xs @ t["W_skip"].T
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x[:50]).double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.load(tmp_path / "sp")(x[:50]), model(x[:50]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sparsify's layout holds TopK SAEs only, not ReLUSAE"):
+        sae.save(sae.ReLUSAE(D_IN, 32), tmp_path / "x", format="sparsify")
+    with pytest.raises(ValueError, match="needs d_out == d_in"):
+        sae.save(sae.TopKSAE(D_IN, 32, 3, d_out=D_OUT), tmp_path / "x", format="sparsify")

@@ -24,8 +24,9 @@ KNOWN = (
 )
 
 
-def save(model: SAE, path, *, inference: bool = False) -> None:
-    """Write `model` to the folder `path` in the SAELens layout, each file atomically.
+def save(model: SAE, path, *, inference: bool = False, format: str = "saelens") -> None:
+    """Write `model` to the folder `path` in the SAELens layout (format="sparsify": sparsify's layout, for TopK
+    SAEs and transcoders of d_out == d_in; peers.save_sparsify), each file atomically.
 
     The file holds the class itself, trained or not: `load(path)` gives back the same class with every
     constructor argument (`model.config()`) and every parameter and buffer. SAELens reads it too (BatchTopK and
@@ -35,7 +36,11 @@ def save(model: SAE, path, *, inference: bool = False) -> None:
     """
     if not isinstance(model, SAE):
         raise TypeError(f"model must be an SAE, got {type(model).__name__}")
+    if format not in ("saelens", "sparsify"):
+        raise ValueError(f"format must be 'saelens' or 'sparsify', got {format!r}")
     path = Path(path)
+    if format == "sparsify":
+        return peers.save_sparsify(model, path)
     path.mkdir(parents=True, exist_ok=True)
     saelens.save(model, path, inference=inference)
 

@@ -4,7 +4,7 @@ Formats that store W_enc as [d_in, d_sae] are transposed once here (our weights 
 loader reproduces its library's forward pass:
 
   sparsify     folder: cfg.json + sae.safetensors (encoder.weight [n, d], encoder.bias, W_dec [n, d], b_dec,
-               optional W_skip [d, d]); TopK of ReLU; x - b_dec unless transcode.
+               optional W_skip [d, d]); TopK of ReLU; x - b_dec unless transcode. `save_sparsify` writes it.
   dictionary_learning  folder: ae.pt + config.json ({"trainer": {"dict_class": ...}}): AutoEncoder,
                GatedAutoEncoder, AutoEncoderTopK, BatchTopKSAE and MatryoshkaBatchTopKSAE (their learned
                global threshold, eval mode), JumpReluAutoEncoder (no input centering).
@@ -18,12 +18,15 @@ JumpReLU thresholds below 0 are clamped to 0: with the libraries' ReLU(z) H(z - 
 
 from __future__ import annotations
 
+import copy
+import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..base import SAE
 from ..prefix import MatryoshkaSAE
 from ..threshold import GatedSAE, JumpReLUSAE, ReLUSAE
@@ -52,6 +55,42 @@ def load_sparsify(path: Path, **kw) -> SAE:
         weights["W_skip"] = t["W_skip"]
     centre = not cfg.get("transcode", False)
     return build(TopKSAE, weights, k=int(cfg["k"]), apply_b_dec_to_input=centre, **kw)
+
+
+def save_sparsify(model: SAE, path: Path) -> None:
+    """Write a TopK SAE or transcoder (d_out == d_in, sparsify's only width) in sparsify's layout: transcode is
+    "no input centering"; act_scale and decoder-norm rescaling are folded in first (exact)."""
+    if type(model) is not TopKSAE:
+        raise ValueError(f"sparsify's layout holds TopK SAEs only, not {type(model).__name__}")
+    if model.d_out != model.d_in or model.normalize_activations != "none" or model.reshape_activations != "none":
+        raise ValueError(
+            "sparsify's layout needs d_out == d_in and no normalisation or reshape, got "
+            f"d_in={model.d_in}, d_out={model.d_out}, normalize_activations={model.normalize_activations!r}, "
+            f"reshape_activations={model.reshape_activations!r}"
+        )
+    model = copy.deepcopy(model)
+    model.fold_act_scale()
+    if model.rescale_acts_by_decoder_norm:
+        model.fold_decoder_norms()
+    t = {"encoder.weight": model.W_enc, "encoder.bias": model.b_enc, "W_dec": model.W_dec, "b_dec": model.b_dec}
+    if model.W_skip is not None:
+        t["W_skip"] = model.W_skip
+    t = {k: v.detach().cpu().contiguous() for k, v in t.items()}
+    cfg = {
+        "expansion_factor": max(1, model.d_sae // model.d_in),
+        "normalize_decoder": True,
+        "num_latents": model.d_sae,
+        "k": model.k,
+        "multi_topk": False,
+        "skip_connection": model.W_skip is not None,
+        "transcode": not model.apply_b_dec_to_input,
+        "d_in": model.d_in,
+    }
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / SPARSIFY_WEIGHTS, lambda tmp: save_file(t, tmp))
+    atomic_write(path / SPARSIFY_CFG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
 # dictionary_learning --------------------------------------------------------------------------------
