@@ -10,13 +10,15 @@ PYTEST_ARGS ?=
 .PHONY: test bench bench-full lint demo gpu-check gpu-install gpu-test gpu-bench gpu-tune compile-check clean
 
 # CPU setup: the local CPU wheel of torch first (an unpinned torch would pull the CUDA build),
-# then triton 3.9 (its interpreter runs the kernels on CPU), then the package with its extras.
-$(VENV)/.installed: setup.py
+# then triton 3.9 (its interpreter runs the kernels on CPU), then the package with its extras. The package
+# builds csrc/ (the C++ CPU kernels) against this torch, so without build isolation; an edit there rebuilds.
+$(VENV)/.installed: setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "triton==3.9.*"
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q "setuptools>=64" wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
 test: $(VENV)/.installed
@@ -73,4 +75,4 @@ compile-check: .venv-t36/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-t36 *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-t36 *.egg-info .pytest_cache .ruff_cache build kernels/_C*.so

@@ -1,4 +1,30 @@
+import os
+
 from setuptools import setup
+
+
+def cpp_extension():
+    """csrc/ as kernels._C (the C++ CPU backend), built against the installed torch; optional: without torch at
+    build time (an isolated build) or a working compiler, the package installs without it and kernels warns once.
+    Install with `pip install --no-build-isolation` so the build sees the environment's torch."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("sae-kernels: torch is not importable at build time; building without the C++ CPU kernels (csrc/)")
+        return {}
+
+    class OptionalBuild(BuildExtension):
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # no compiler, or headers missing: the PyTorch path runs instead
+                print(f"sae-kernels: the C++ CPU kernels (csrc/) did not build ({e}); the PyTorch path runs instead")
+
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+    flags = ["-O3", "-std=c++17", "-march=native", "-Wno-c++20-extensions"]  # built where it runs: native ISA
+    ext = CppExtension("kernels._C", sources, extra_compile_args=flags, depends=["csrc/common.h"])
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild.with_options(use_ninja=False)}}
+
 
 setup(
     name="sae-kernels",
@@ -25,4 +51,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
         "peers": ["eai-sparsify"],
     },
+    **cpp_extension(),
 )

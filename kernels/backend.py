@@ -4,7 +4,10 @@ Backends:
   "triton": the Triton kernels. CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
             `kernels` was imported (the Triton interpreter).
   "torch":  plain PyTorch, memory-bounded (the chunked encoder, the reference decode and gradients).
-  "auto":   (default) "triton" for CUDA tensors, "torch" for CPU tensors.
+  "cpp":    the C++17 kernels of csrc/ (CPU tensors), built into kernels._C by `pip install
+            --no-build-isolation -e .` (the Makefile's set-up). Ops without a C++ kernel run on "torch".
+  "auto":   (default) "triton" for CUDA tensors; "cpp" for CPU tensors when kernels._C is built, else
+            "torch" (with one warning saying why).
 
 SAE_KERNELS_BACKEND sets the default; `set_backend(name)` or `with use_backend(name):` override it.
 SAE_KERNELS_VALIDATE=0 or `set_validation(False)` turns off the checks that need a host sync
@@ -14,11 +17,14 @@ SAE_KERNELS_VALIDATE=0 or `set_validation(False)` turns off the checks that need
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cpp")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -36,7 +42,7 @@ if _state["backend"] not in BACKENDS:
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every op: "auto", "triton" or "torch"."""
+    """Choose the backend for every op: "auto", "triton", "torch" or "cpp"."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {BACKENDS}")
     _state["backend"] = name
@@ -66,11 +72,30 @@ def validation_enabled() -> bool:
     return _state["validate"]
 
 
+@functools.cache
+def cpp_available() -> bool:
+    """Whether the C++ CPU kernels (kernels._C, built from csrc/) load; warns once when they do not."""
+    try:
+        importlib.import_module(f"{__package__}._C")  # registers the torch.ops.sae_kernels_cpp ops
+    except ImportError as e:
+        warnings.warn(
+            f"sae-kernels: the C++ CPU kernels (csrc/) are not built ({e}); CPU ops run on the PyTorch path. "
+            "Build them with `pip install --no-build-isolation -e .` (needs a C++ compiler).",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
 def resolve(t: torch.Tensor) -> str:
     """The backend that runs an op whose inputs live where `t` lives."""
     name = _state["backend"]
     if name == "auto":
-        return "triton" if t.is_cuda else "torch"
+        return "triton" if t.is_cuda else ("cpp" if cpp_available() else "torch")
+    if name == "cpp" and (t.is_cuda or not cpp_available()):
+        raise RuntimeError(
+            "backend 'cpp' runs CPU tensors only" if t.is_cuda else "backend 'cpp': kernels._C is not built"
+        )
     if name == "triton" and not t.is_cuda and not INTERPRET:
         raise RuntimeError(
             "backend 'triton' got CPU tensors: set TRITON_INTERPRET=1 before importing kernels "

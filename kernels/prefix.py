@@ -144,11 +144,28 @@ def prefix_norms_backward_triton(values, indices, W, r0, grad, write_s: bool):
     return dv.sum(1), dr0, s if write_s else None
 
 
+def prefix_norms_cpp(values, indices, W, r0):
+    """csrc/sparse.cpp: E [B, K + 1] fp32, one row per thread step."""
+    E = r0.new_empty(values.shape[0], values.shape[1] + 1, dtype=torch.float32)
+    torch.ops.sae_kernels_cpp.prefix_norms(values, indices, W, r0, E)
+    return E
+
+
+def prefix_norms_backward_cpp(values, indices, W, r0, grad, write_s: bool):
+    """csrc/sparse.cpp: -> (dv [B, K] fp32, dr0 [B, d] r0.dtype, S [B, K, d] fp32 or None)."""
+    B, K = values.shape
+    dv = r0.new_empty(B, K, dtype=torch.float32)
+    dr0 = r0.new_empty(r0.shape, dtype=torch.float32)
+    s = r0.new_empty((B, K, r0.shape[1]) if write_s else (0,), dtype=torch.float32)
+    torch.ops.sae_kernels_cpp.prefix_norms_backward(values, indices, W, r0, grad, dv, dr0, s)
+    return dv, dr0.to(r0.dtype), s if write_s else None
+
+
 @torch.library.custom_op("sae_kernels::prefix_norms", mutates_args=())
 def prefix_norms(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
     """E [B, K + 1] fp32: E[b, t] = ||r0[b] - sum_{j < t} values[b, j] W[indices[b, j]]||^2."""
     values, indices, W, r0 = (validate.row_major(t) for t in (values, indices, W, r0))
-    run = prefix_norms_triton if resolve(W) == "triton" else torch_ops.prefix_norms_torch
+    run = {"triton": prefix_norms_triton, "cpp": prefix_norms_cpp}.get(resolve(W), torch_ops.prefix_norms_torch)
     return run(values, indices, W, r0)
 
 
@@ -163,7 +180,8 @@ def prefix_norms_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dv [B, K] values.dtype, dr0 [B, d], dW [n, d] W.dtype, or [0, d] when not want_W)."""
     values, indices, W, r0 = (validate.row_major(t) for t in (values, indices, W, r0))
-    run = prefix_norms_backward_triton if resolve(W) == "triton" else torch_ops.prefix_norms_backward_torch
+    backends = {"triton": prefix_norms_backward_triton, "cpp": prefix_norms_backward_cpp}
+    run = backends.get(resolve(W), torch_ops.prefix_norms_backward_torch)
     B, K = values.shape
     n, D = W.shape
     budget = CUDA_BUDGET if W.is_cuda else BUDGET  # few chunks: each adds a whole [n, d] dW

@@ -76,6 +76,14 @@ def scatter_rows_triton(coef, indices, X, n: int, with_sum: bool, out_dtype: tor
     return out, sums
 
 
+def scatter_rows_cpp(coef, indices, X, n: int, with_sum: bool, out_dtype: torch.dtype):
+    """csrc/sparse.cpp: a stable counting sort by latent, then each latent's bucket reduced in slot order."""
+    dW = X.new_empty(n, X.shape[1])
+    sums = X.new_empty(n if with_sum else 0, dtype=torch.float32)
+    torch.ops.sae_kernels_cpp.scatter_rows(coef, indices, X, n, dW, sums)
+    return dW.to(out_dtype), sums.to(out_dtype)
+
+
 @torch.library.custom_op("sae_kernels::scatter_rows", mutates_args=())
 def scatter_rows(
     coef: torch.Tensor, indices: torch.Tensor, X: torch.Tensor, n: int, with_sum: bool, out_dtype: torch.dtype
@@ -83,7 +91,7 @@ def scatter_rows(
     """coef [B, K], indices [B, K] in [0, n), X [B, d] -> (dW [n, d], dsum [n], or [0] without with_sum),
     both in out_dtype; see the module docstring."""
     X = validate.row_major(X)
-    run = scatter_rows_triton if resolve(X) == "triton" else torch_ops.scatter_rows_torch
+    run = {"triton": scatter_rows_triton, "cpp": scatter_rows_cpp}.get(resolve(X), torch_ops.scatter_rows_torch)
     dW, dsum = run(coef, indices, X, n, with_sum, out_dtype)
     return dW, dsum if with_sum else dW.new_empty(0)
 

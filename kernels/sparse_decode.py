@@ -127,14 +127,31 @@ def gather_dot_triton(g, indices, W):
     return out
 
 
+def gather_matmul_cpp(values, indices, W, bias):
+    """csrc/sparse.cpp: [B, d] W.dtype."""
+    out = W.new_empty(values.shape[0], W.shape[1])
+    torch.ops.sae_kernels_cpp.gather_matmul(values, indices, W, bias, out)
+    return out
+
+
+def gather_dot_cpp(g, indices, W):
+    """csrc/sparse.cpp: [B, K] g.dtype (fp32 accumulation)."""
+    out = g.new_empty(indices.shape, dtype=torch.float32)
+    torch.ops.sae_kernels_cpp.gather_dot(g, indices, W, out)
+    return out.to(g.dtype)
+
+
 @torch.library.custom_op("sae_kernels::gather_matmul", mutates_args=())
 def gather_matmul(
     values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """[B, d] = bias + sum_j values[b, j] * W[indices[b, j]]."""
     values, indices, W = (validate.row_major(t) for t in (values, indices, W))
-    if resolve(W) == "triton":
+    backend = resolve(W)
+    if backend == "triton":
         return gather_matmul_triton(values, indices, W, validate.row_major(bias))
+    if backend == "cpp":
+        return gather_matmul_cpp(values, indices, W, bias)
     return torch_ops.gather_matmul_torch(values, indices, W, bias)
 
 
@@ -147,8 +164,11 @@ def _(values, indices, W, bias):
 def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """[B, K] = g[b] . W[indices[b, j]]."""
     g, indices, W = (validate.row_major(t) for t in (g, indices, W))
-    if resolve(W) == "triton":
+    backend = resolve(W)
+    if backend == "triton":
         return gather_dot_triton(g, indices, W)
+    if backend == "cpp":
+        return gather_dot_cpp(g, indices, W)
     return torch_ops.gather_dot_torch(g, indices, W)
 
 

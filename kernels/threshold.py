@@ -139,6 +139,19 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
     return tidy(values), gate, tidy(aux), torch.where(filled, ids, 0).to(torch.int32), counts
 
 
+def threshold_select_cpp(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int):
+    """The C++ fused encoder (csrc/encode.cpp), already in latent order; same contract as the Triton launcher."""
+    B = x.shape[0]
+    values = x.new_empty(B, capacity)
+    gate = x.new_empty(B, capacity) if mode == GATED else None
+    aux = x.new_empty(B, capacity, dtype=torch.float32)
+    indices = x.new_empty(B, capacity, dtype=torch.int32)
+    counts = x.new_empty(B, dtype=torch.int32)
+    args = (mode, x, W, b, theta, r_mag, b_mag, half_band, values, gate, aux, indices, counts)
+    torch.ops.sae_kernels_cpp.threshold_select(*args)
+    return values, gate, aux, indices, counts
+
+
 def threshold_select(
     mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int, guess: int, dense_above=None
 ):
@@ -150,7 +163,9 @@ def threshold_select(
     a row keeps more than `dense_above` entries (the caller then runs densely).
     """
     args = (mode, x, W, b, theta, r_mag, b_mag, half_band)
-    run = threshold_select_triton if resolve(x) == "triton" else torch_ops.threshold_select_torch
+    run = {"triton": threshold_select_triton, "cpp": threshold_select_cpp}.get(
+        resolve(x), torch_ops.threshold_select_torch
+    )
     C = capacity or max(1, min(W.shape[0], guess))
     out = run(*args, C)
     need = int(out[-1].max()) if x.shape[0] else 0

@@ -119,12 +119,23 @@ def topk_select_triton(x, W, b, k: int):
     return values.to(x.dtype), indices
 
 
+def topk_select_cpp(x, W, b, k: int):
+    """The C++ fused encoder (csrc/encode.cpp); same contract as topk_select_triton."""
+    values = x.new_empty(x.shape[0], k)
+    indices = x.new_empty(x.shape[0], k, dtype=torch.int32)
+    torch.ops.sae_kernels_cpp.topk_select(x, W, b, k, values, indices)
+    return values, indices
+
+
 @torch.library.custom_op("sae_kernels::topk_select", mutates_args=())
 def topk_select(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK_k(ReLU(x W^T + b)): (values [B, k], indices [B, k] int32), sorted by value, ties to lower ids."""
     x, W, b = (validate.row_major(t) for t in (x, W, b))
-    if resolve(x) == "triton" and max(4, triton.next_power_of_2(k)) <= MAX_FUSED_KP:
+    backend = resolve(x)
+    if backend == "triton" and max(4, triton.next_power_of_2(k)) <= MAX_FUSED_KP:
         return topk_select_triton(x, W, b, k)
+    if backend == "cpp":
+        return topk_select_cpp(x, W, b, k)
     return torch_ops.topk_select_torch(x, W, b, k)
 
 

@@ -13,10 +13,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels.backend import cpp_available  # noqa: E402
 from kernels.gemm import tf32_enabled  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["triton", "torch"]
+# Every op test runs on each backend: the C++ kernels (csrc/) on CPU tensors where they are built, which
+# `make test` does (test_cpp_backend.py fails under CI when they are not).
+BACKENDS = ["triton", "torch"] + (["cpp"] if DEVICE == "cpu" and cpp_available() else [])
 
 
 def pytest_collection_modifyitems(config, items):

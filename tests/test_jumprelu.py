@@ -119,8 +119,8 @@ def test_hints_change_passes_not_layout(backend, monkeypatch):
     large or too small gives the same code again."""
     x, W, b, _ = make_encoder(7, 16, 90)
     theta = 0.2 * torch.rand(90, device=DEVICE)
-    launcher = "threshold_select_triton" if backend == "triton" else "threshold_select_torch"
-    owner = threshold if backend == "triton" else torch_ops
+    launcher = f"threshold_select_{backend}"
+    owner = torch_ops if backend == "torch" else threshold
     calls = []
     original = getattr(owner, launcher)
     monkeypatch.setattr(owner, launcher, lambda *a: calls.append(a[-1]) or original(*a))
