@@ -10,6 +10,7 @@ in the dense layout every latent is a slot and the gradients are two GEMMs and a
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import validate
 from .code import SparseCode
@@ -91,7 +92,8 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, W, indices, aux)
     ctx.has_bias = b is not None
     # Compact rows hold at most dense_above(n) < n slots unless a capacity was fixed: C = n is the dense layout.
-    ctx.dense = not capacity and indices.shape[1] == W.shape[0]
+    # While tracing, C is unknown (an unbacked size): the sparse backward is right for either layout.
+    ctx.dense = not capacity and guard_or_false(indices.shape[1] == W.shape[0])
 
 
 def _backward(ctx, grad_values, _gi, _ga, _gc):
