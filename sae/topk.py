@@ -42,7 +42,7 @@ class TopKSAE(SAE):
         **kw,
     ):
         super().__init__(d_in, d_sae, **kw)
-        validate.k_of(k, d_sae)
+        validate.k_of(k, d_sae, n_name="d_sae")
         self.k = k
         self.aux_k = max(1, d_in // 2) if aux_k is None else aux_k
         self.aux_coeff = aux_coeff
