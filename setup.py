@@ -22,7 +22,7 @@ def cpp_extension():
 
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
     flags = ["-O3", "-std=c++17", "-march=native", "-Wno-c++20-extensions"]  # built where it runs: native ISA
-    ext = CppExtension("kernels._C", sources, extra_compile_args=flags, depends=["csrc/common.h"])
+    ext = CppExtension("kernels._C", sources, extra_compile_args=flags, depends=["csrc/common.h", "csrc/tile_gemm.h"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild.with_options(use_ninja=False)}}
 
 

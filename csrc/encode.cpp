@@ -1,10 +1,11 @@
-// Fused encoders on the CPU: z = x W^T + b computed one cache-sized tile [ROWS, COLS] at a time (BLAS on
-// the tile), the selection done on the tile while it is in cache; the [B, n] matrix z is never formed.
+// Fused encoders on the CPU: z = x W^T + b computed one cache-sized tile [ROWS, COLS] at a time (tile_gemm.h),
+// the selection done on the tile while it is in cache; the [B, n] matrix z is never formed.
 //
 // Work is a fixed list of tasks (row block, column split) that depends on the shape only, and each row's
 // selection walks its columns in increasing order, so results are the same for any number of threads.
 // A thread takes a contiguous run of tasks and walks the W chunks of a split once for all its row blocks.
 #include "common.h"
+#include "tile_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -27,26 +28,26 @@ int64_t splits_for(int64_t B, int64_t n) {
 
 // For each task of [begin, end) (task = split * row_blocks + row_block), call
 // tile_fn(row_block, split, r0, rows, c0, cols, tile) on every fp32 tile of x W^T of that task, in
-// increasing column order. x is fp32 [B, d]; W any float dtype [n, d].
+// increasing column order. x is fp32 [B, d]; W any float dtype [n, d], packed once per chunk per thread.
 template <typename TileFn>
 void for_tiles(const at::Tensor& xf, const at::Tensor& W, int64_t splits, int64_t begin, int64_t end,
                TileFn&& tile_fn) {
-  const int64_t B = xf.size(0), n = W.size(0);
+  const int64_t B = xf.size(0), n = W.size(0), d = W.size(1);
   const int64_t row_blocks = cdiv(B, ROWS);
   const int64_t cols_per_split = cdiv(cdiv(n, COLS), splits) * COLS;
-  at::Tensor buf = at::empty({ROWS * COLS}, xf.options());
+  const float* x = xf.data_ptr<float>();
+  std::vector<float> tile(ROWS * COLS), packed;
   for (int64_t t0 = begin; t0 < end;) {
     const int64_t s = t0 / row_blocks;
     const int64_t t1 = std::min(end, (s + 1) * row_blocks);
     const int64_t lo = s * cols_per_split, hi = std::min(n, lo + cols_per_split);
     for (int64_t c0 = lo; c0 < hi; c0 += COLS) {
       const int64_t cols = std::min(COLS, hi - c0);
-      at::Tensor Wc = W.narrow(0, c0, cols).to(at::kFloat);
+      dispatch(W, "W", [&](auto zero) { pack_panels(W.data_ptr<decltype(zero)>(), d, c0, cols, packed); });
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t rb = t % row_blocks, r0 = rb * ROWS, rows = std::min(ROWS, B - r0);
-        at::Tensor tile = buf.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(tile, xf.narrow(0, r0, rows), Wc.t());
-        tile_fn(rb, s, r0, rows, c0, cols, tile.data_ptr<float>());
+        tile_gemm(x + r0 * d, rows, d, packed, cols, tile.data());
+        tile_fn(rb, s, r0, rows, c0, cols, tile.data());
       }
     }
     t0 = t1;
