@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     if any(OPS[op].group != "topk" for op in ops):
         run.note("threshold families: thresholds and biases set so that about k latents fire per row (L0 ~ k)")
     if device == "cpu":
-        run.note("CPU: 'ours' runs the kernels' torch backend (chunked PyTorch), as kernels does on CPU tensors")
+        run.note("CPU: 'ours' runs the kernels' torch backend (chunked PyTorch); 'cpp' the C++ kernels (csrc/)")
     run.note(f"every provider is checked against the float64 reference on {CHECK_ROWS} rows before timing")
     t0 = time.perf_counter()
     doc = execute(run)

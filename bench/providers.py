@@ -9,6 +9,8 @@ A provider wraps the shared `Params` and gives the suite five primitives:
 and loss(x) (the training loss), run(x) -> (act, x_hat) (the inference forward with the activations it
 used). `ops` lists the benchmark ops a provider runs; `unavailable()` says why it cannot run here (else None).
 `name` is what `--providers` selects ("ours", "dense", ...); the TopK and threshold providers share names.
+`backend` pins the kernels' backend for a provider's check and timed calls, backward included (None: the
+default; "ours" on CPU tensors runs "torch", and its "cpp" twin the C++ kernels of csrc/).
 
 The providers by op family:
   providers_topk.py       TopK: ours (sae.TopKSAE), dense, torch_sparse, chunked, sparsify (`PROVIDERS`)
@@ -24,12 +26,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
+
 from .inputs import FamilyParams, Params
 
 
 class Provider:
     name = ""
     ops: tuple[str, ...] = ()
+    backend: str | None = None
     # Live [B, n] and [B*k, d] temporaries per op (for the memory estimate that skips what cannot fit).
     dense_temps: dict[str, int] = {}
     gather_temps: dict[str, int] = {}
@@ -75,6 +80,17 @@ class Provider:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[1]
 
+    def pinned(self, fn):
+        """fn, run on this provider's backend."""
+        if self.backend is None:
+            return fn
+
+        def run():
+            with kernels.use_backend(self.backend):
+                return fn()
+
+        return run
+
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ||x - x_hat||^2, in fp32. x_hat, x: [B, d]."""
@@ -95,6 +111,8 @@ class SAEProvider(Provider):
 
     def __init__(self, p: Params, fam: FamilyParams | None = None):
         super().__init__(p, fam)
+        if self.backend is None and not p.W_enc.is_cuda:
+            self.backend = "torch"  # "ours" on CPU tensors: the kernels' PyTorch path; "cpp" is the C++ twin
         n, d = p.W_enc.shape
         self.model = self.make_model(d, n, p.k, p.W_enc.dtype)
         for name, t in {**self.named(), **self.buffers()}.items():
@@ -111,3 +129,16 @@ class SAEProvider(Provider):
 
     def forward(self, x):
         return self.model(x)
+
+
+def cpp_twin(cls: type[SAEProvider]) -> type[SAEProvider]:
+    """The provider "cpp": `cls` on the kernels' C++ CPU backend (csrc/)."""
+
+    def unavailable(_cls):
+        if torch.cuda.is_available():
+            return "the C++ kernels run CPU tensors; this run is on CUDA"
+        return None if kernels.backend.cpp_available() else "kernels._C (csrc/) is not built"
+
+    doc = f"{cls.__doc__}\nOn the C++ CPU backend (csrc/)."
+    attrs = {"name": "cpp", "backend": "cpp", "unavailable": classmethod(unavailable), "__doc__": doc}
+    return type(f"{cls.__name__}Cpp", (cls,), attrs)

@@ -19,7 +19,7 @@ from kernels import SparseCode, reference
 from sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaSAE, OrderedSAE, ReLUSAE
 
 from .inputs import BANDWIDTH, SPARSITY_COEFF, FamilyParams, Params
-from .providers import Provider, SAEProvider, mse, preactivations
+from .providers import Provider, SAEProvider, cpp_twin, mse, preactivations
 
 
 def _densify(code: SparseCode, n: int) -> torch.Tensor:
@@ -227,4 +227,6 @@ class DenseGlobal(_DenseFamily):
 FAMILY_PROVIDERS: tuple[type[Provider], ...] = (
     OursReLU, DenseReLU, OursJumpReLU, DenseJumpReLU, OursGated, DenseGated, OursBatchTopK, DenseBatchTopK,
     OursBatchTopKEval, OursMatryoshka, OursOrdered, DenseGlobal,
+    *(cpp_twin(c) for c in (OursReLU, OursJumpReLU, OursGated, OursBatchTopK, OursBatchTopKEval, OursMatryoshka,
+                            OursOrdered)),
 )  # fmt: skip

@@ -13,7 +13,7 @@ from kernels import SparseCode
 from sae import TopKSAE
 
 from .inputs import FamilyParams, Params
-from .providers import Provider, SAEProvider, preactivations
+from .providers import Provider, SAEProvider, cpp_twin, preactivations
 
 TOPK_OPS = ("encode", "encode_bwd", "decode", "decode_bwd", "step")
 
@@ -164,5 +164,7 @@ class Sparsify(Provider):
         return self.coder.decode(*act)
 
 
-PROVIDERS: dict[str, type[Provider]] = {c.name: c for c in (Ours, Dense, TorchSparse, Chunked, Sparsify)}
+PROVIDERS: dict[str, type[Provider]] = {
+    c.name: c for c in (Ours, Dense, TorchSparse, Chunked, Sparsify, cpp_twin(Ours))
+}
 BASELINES = ("dense", "torch_sparse", "chunked", "sparsify")  # the providers speedups are measured against

@@ -10,9 +10,10 @@ from pathlib import Path
 from .ops import OPS
 from .providers_topk import BASELINES, PROVIDERS
 
-COLORS = dict(zip(PROVIDERS, ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=True))
+PALETTE = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+COLORS = dict(zip(PROVIDERS, PALETTE, strict=True))
 LABELS = {"ours": "ours", "dense": "dense PyTorch", "torch_sparse": "PyTorch-sparse", "chunked": "chunked",
-          "sparsify": "eai-sparsify"}  # fmt: skip
+          "sparsify": "eai-sparsify", "cpp": "ours (C++)"}  # fmt: skip
 
 
 def _f(v, spec: str) -> str:
