@@ -66,3 +66,12 @@ def seeded(request):
     """Fresh random inputs per test id, reproducible from the id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread is several times faster than two fighting for a busy 2-core CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,14 +14,6 @@ from sae.harvest import TOKEN_FIELDS, HarvestedActivations, tokens_path
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("command", ["eval", "l0-sweep"])
 def test_every_flag_has_help(command):
     actions = [a for a in build_parser()[1][command]._actions if a.option_strings and a.dest != "help"]

@@ -13,14 +13,6 @@ from sae.trainer import TrainConfig
 GRID = (3, 4, 6, 8, 11)
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("true_l0", [5, 7])
 def test_sweep_finds_the_true_l0_off_the_grid(true_l0, one_thread):
     """Exactly `true_l0` of 32 orthogonal, correlated features per token; k swept over a grid without it: the

@@ -23,15 +23,6 @@ def quiet(**kw):
     return TrainConfig(progress=False, **kw)
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices: one thread is several times faster than two fighting for a busy 2-core CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_topk_recovers_true_features_at_true_l0(one_thread):
     """d=32, 128 features (4x superposition), true L0 = 5: a TopK SAE at k = 5 finds them (MMCS > 0.9)."""
     gen = SyntheticActivations(32, 128, 5, seed=1)

@@ -21,13 +21,7 @@ SAELENS = {("relu", False): "transcoder", ("relu", True): "skip_transcoder",
            ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two that share the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs(n=4096, d_in=D_IN, d_out=D_OUT, n_features=32, seed=1, **kw):
