@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -26,10 +27,12 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import kernels  # noqa: E402
 import sae  # noqa: E402
+from bench.distributed import exchange_bytes  # noqa: E402
 from kernels import GatedCode, JumpReLUCode, SparseCode  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from sae import distributed  # noqa: E402
 from sae.distributed import comm  # noqa: E402
+from sae.distributed import trainer as dist_trainer  # noqa: E402
 from sae.registry import ARCHITECTURES  # noqa: E402
 from sae.synthetic import SyntheticActivations, SyntheticSource  # noqa: E402
 from sae.trainer import TrainConfig, Trainer  # noqa: E402
@@ -53,6 +56,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / scale if scale else (a - b).norm().item()
 
 
+@functools.cache
 def mesh_of(shards: int):
     return init_device_mesh("cpu", (dist.get_world_size() // shards, shards), mesh_dim_names=("dp", "shard"))
 
@@ -275,6 +279,9 @@ def check_steps(shards: int) -> None:
     mesh = mesh_of(shards)
     dp = mesh["dp"].size()
     archs = STEP_ARCHS if dp == 1 else [("topk", {"k": 4})]
+    dist_trainer.BUCKET_BYTES = 1024  # the weight rows are averaged during backward, the vectors after it
+    early, average_now = [], dist_trainer.DistributedTrainer._average_now
+    dist_trainer.DistributedTrainer._average_now = lambda self, p: (early.append(p.shape), average_now(self, p))[1]
     worst = 0.0
     for arch, kw in archs:
         dead_tokens = 200 if dp == 1 else 10**9
@@ -292,6 +299,8 @@ def check_steps(shards: int) -> None:
             expect(all(torch.equal(e, mine) for e in every), f"{where}: {name} differs between ranks")
         expect(abs(sharded.act_scale - single.act_scale) < 1e-6, f"{where}: act_scale")
         expect(summary["tokens"] == 20 * 64, f"{where}: tokens {summary['tokens']}")
+    dist_trainer.DistributedTrainer._average_now = average_now
+    expect(len(early) == (0 if dp == 1 else 2 * 20), f"steps dp={dp}: {len(early)} gradients averaged in backward")
     print("RESULT " + json.dumps({"check": f"steps S={shards} dp={dp}", "worst_rel_err": worst}), flush=True)
 
 
@@ -322,13 +331,7 @@ def check_traffic(shards: int) -> None:
     before = wchar()
     trainer._train_step(x)
     sent = wchar() - before
-    S = shards
-    design = {  # ring bytes per rank: all_gather (S - 1) m, all_reduce 2 (S - 1) m / S
-        "candidates (all_gather of [B, k] values + ids)": (S - 1) * Bt * k * 8,
-        "reconstruction + L0 sum (all_reduce of [B, d + 1])": 2 * (S - 1) * Bt * (d + 1) * 4 // S,
-        "b_dec gradient (all_reduce of [d])": 2 * (S - 1) * d * 4 // S,
-        "dead latents (all_reduce of one int64)": 2 * (S - 1) * 8 // S,
-    }
+    design = exchange_bytes(Bt, d, k, shards, 4)  # the model bench/NOTES.md scales to 8 H100s
     modelled = sum(design.values())
     weights = 2 * n * d * 4
     expect(comm.TRAFFIC.total() == modelled, f"traffic: counted {dict(comm.TRAFFIC.sent)} != design {modelled}")
@@ -385,4 +388,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # the checks are done: skip the interpreter's teardown of gloo's threads (not under test)

@@ -200,3 +200,15 @@ def test_a_dying_rank_ends_the_run_and_resuming_loses_nothing(sharded_run, tmp_p
     code, log, _ = launch(2, *args, "--out-dir", str(tmp_path))
     assert code == 0, log[-4000:]
     assert_close(tensors(tmp_path / "sae"), tensors(sharded_run / "sae"), 0.0)
+
+
+def test_bench_case_runs_and_the_h100_model_holds(tmp_path):
+    """python -m bench.distributed on a tiny shape writes its results; the NOTES.md model's largest n."""
+    from bench import distributed as bench_distributed
+
+    assert bench_distributed.main(["--shape", "64,16,256,4", "--steps", "1", "--results-dir", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "distributed-cpu.json").read_text())
+    assert rec["sent_bytes_model"] == sum(rec["sent_bytes_design"].values()) <= rec["sent_bytes_wchar"]
+    assert (tmp_path / "distributed-cpu.md").is_file()
+    assert bench_distributed.largest_n(768) == 2**24 and bench_distributed.largest_n(4096) == 2**22
+    assert not bench_distributed.model_step(2**22, 4096, precision="bf16")["fits"]

@@ -13,8 +13,8 @@ import torch
 
 
 def topk_winners(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """values, ids: [B, C] candidates (C >= k; ids int64, distinct per row) -> [B, k] positions of the k best of
-    each row, best first, equal values by the lower id."""
+    """values, ids: [B, C] candidates (C >= k, ids int64; padding slots, value < 0, may repeat an id) -> [B, k]
+    positions of the k best of each row, best first, equal values by the lower id."""
     by_id = ids.argsort(dim=1)
     order = values.gather(1, by_id).sort(dim=1, descending=True, stable=True).indices
     return by_id.gather(1, order[:, :k])
