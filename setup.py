@@ -21,7 +21,9 @@ def cpp_extension():
                 print(f"sae-kernels: the C++ CPU kernels (csrc/) did not build ({e}); the PyTorch path runs instead")
 
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
-    flags = ["-O3", "-std=c++17", "-march=native", "-Wno-c++20-extensions"]  # built where it runs: native ISA
+    # Built where it runs: the native ISA (SAE_KERNELS_MARCH=x86-64-v3 for valgrind, which lacks AVX-512).
+    march = os.environ.get("SAE_KERNELS_MARCH", "native")
+    flags = ["-O3", "-std=c++17", f"-march={march}", "-Wno-c++20-extensions"]
     ext = CppExtension("kernels._C", sources, extra_compile_args=flags, depends=["csrc/common.h", "csrc/tile_gemm.h"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuild.with_options(use_ninja=False)}}
 

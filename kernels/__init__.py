@@ -5,7 +5,9 @@ Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels o
 Every public op checks its arguments and calls a `torch.library` custom op on tensors, `<op>` (topk_select,
 relu_select, jumprelu_select, gated_select, gather_matmul, gather_dot, scatter_rows, prefix_norms and
 prefix_norms_backward), with its fake and autograd; `<op>` runs `<op>_triton` (the launcher beside its
-kernel) or `<op>_torch` (torch_ops.py: memory-bounded PyTorch) as backend.py decides. reference.py is the
+kernel), `<op>_cpp` (beside it: the C++ CPU kernel of csrc/, torch.ops.sae_kernels_cpp, built into kernels._C;
+encode.cpp for topk/threshold select, sparse.cpp for gather, scatter and prefix) or `<op>_torch` (torch_ops.py:
+memory-bounded PyTorch) as backend.py decides. reference.py is the
 float64 test oracle. Each op file reads top-down: kernel -> launcher -> custom op and autograd -> public op.
 
 public op             op file -> kernel file           torch twin (torch_ops.py)  reference      test file
