@@ -53,8 +53,8 @@ def tile_xwT(
 
 
 @functools.cache
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tf32_enabled() -> bool:
@@ -83,10 +83,8 @@ def split_plan(op: str, B: int, n: int, device: torch.device, **shape: int) -> d
     cfg = dict(tuning.config(op, **shape))
     row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    if device.type == "cuda":
-        target = cfg["waves"] * num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = cfg["programs"]
+    # An interpreter config names its program count; a GPU config its waves of programs per SM.
+    target = cfg["programs"] if "programs" in cfg else cfg["waves"] * num_sms(device)
     # Round down: a grid just over one wave of `target` programs would take two waves.
     splits = max(1, min(tiles, target // row_blocks))
     cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]

@@ -59,6 +59,7 @@ def _threshold_encode_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE: tl.constexpr,  # B * C >= 2^31: int64 slot offsets
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -93,16 +94,19 @@ def _threshold_encode_kernel(
             shift = tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             aux = scale[None, :] * acc + shift[None, :]
             keep = z > 0
-            f = tl.maximum(aux, 0.0)
         keep = keep & row_mask[:, None] & col_mask[None, :]
         flags = keep.to(tl.int32)
         cnt = tl.sum(flags, axis=1)
         if tl.sum(cnt, axis=0) > 0:
-            base = tl.atomic_add(count_ptr + rows, cnt, mask=row_mask)
+            base = tl.atomic_add(count_ptr + rows, cnt, mask=row_mask, sem="relaxed")  # acq_rel would fence
             pos = base[:, None] + tl.cumsum(flags, axis=1) - 1
             store = keep & (pos < C)
-            off = rows64[:, None] * C + pos
-            tl.store(val_ptr + off, f.to(val_ptr.dtype.element_ty), mask=store)
+            if WIDE:
+                off = rows64[:, None] * C + pos
+            else:  # int32 offsets: half the registers of [BLOCK_M, BLOCK_N] int64 ones
+                off = rows[:, None] * C + pos
+            if MODE != 2:  # gated: the launcher takes f = ReLU(pi_m) from aux (a store and a tile fewer)
+                tl.store(val_ptr + off, f.to(val_ptr.dtype.element_ty), mask=store)
             tl.store(aux_ptr + off, aux, mask=store)
             tl.store(idx_ptr + off, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=store)
             if MODE == 2:
@@ -115,7 +119,8 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
     indices [B, C] int32, counts [B] int32, also the entries beyond C)."""
     B, D = x.shape
     N = W.shape[0]
-    cfg = split_plan("threshold_encode", B, N, x.device, D=D)
+    ieee = int(precision(x.dtype) == "ieee")
+    cfg = split_plan("threshold_encode", B, N, x.device, D=D, IEEE=ieee, BYTES=x.element_size())
     values = torch.empty(B, capacity, device=x.device, dtype=x.dtype)
     gate = torch.empty_like(values) if mode == GATED else values
     aux = torch.empty(B, capacity, device=x.device, dtype=torch.float32)
@@ -128,9 +133,11 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
         values, gate, aux, indices, counts, B, N, D, capacity, cfg["cols_per_split"],
         x.stride(0), W.stride(0), half_band,
         MODE=mode, HAS_BIAS=b is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
+        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype), WIDE=B * capacity >= 2**31,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    if mode == GATED:
+        values = aux.clamp_min(0).to(x.dtype)
     filled = torch.arange(capacity, device=x.device) < counts[:, None]
     ids, perm = torch.where(filled, indices, N).sort(dim=1)  # empty slots (key N) go to the end
     filled = ids < N

@@ -1,13 +1,17 @@
 """Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
 
 Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
-tile, computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation) and keeps, per row, the
-KP best entries seen so far as packed int64 keys (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key
-orders by value, then by lower latent id, so the selection is exact and deterministic. The epilogue takes
-a tile's row maxima (tl.max with indices, ties to the lower column) and replaces each row's lowest key
-while the maximum beats it; once the running top-KP has settled, most tiles end after one comparison.
-Each program writes its KP candidates per row, so the largest temporary is [B, splits, KP].
-Stage 2: top-k of the splits' candidates per row (torch.topk on the int64 keys), sorted.
+tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Its epilogue costs a
+compare on the common tile: each row keeps an fp32 threshold thr (its KP-th best value at the last merge,
+-1 until KP entries were seen), and a tile whose row maxima all stay at or below their thr ends there.
+Otherwise the entries with f > thr are appended, as packed int64 keys (fp32 bits of f << 32 | KEY_LOW -
+column: a key orders by value, then by lower latent id), to the row's slots of a per-program buffer
+[BLOCK_M, BUF] in global memory (L2): slots [0, KP) hold the row's best KP keys, the rest the appended
+candidates. When a row's buffer could not take another tile, and at the end, every row's buffer is sorted
+and cut back to its best KP, and thr is re-read from slot KP - 1. Columns are walked in ascending order,
+so an entry equal to thr never beats it (ties to the lower id): the selection is exact.
+Stage 2: top-k of the splits' KP candidates per row (torch.topk on the int64 keys), sorted.
+Largest temporaries: the buffers [programs, BLOCK_M, BUF] and the candidates [B, splits, KP].
 
 k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select_torch).
 Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
@@ -26,6 +30,7 @@ from .gemm import precision, split_plan, tile_xwT
 from .sparse_decode import encoder_grads
 
 MAX_FUSED_KP = 256  # larger k runs the chunked path
+SORT_ELEMENTS = 512  # keys per warp sorted at once by a merge step
 
 
 @triton.jit
@@ -35,37 +40,62 @@ def _pack(value, col):
 
 
 @triton.jit
+def _merge(buf, row_mask, KP: tl.constexpr, BUF: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_ROWS: tl.constexpr):
+    """Cut each row of the program's buffer buf [BLOCK_M, BUF] back to its best KP keys (slots [0, KP),
+    descending; the rest -1) and return the rows' new thresholds [BLOCK_M] (-1 while a row has fewer than
+    KP keys, +inf for rows past B)."""
+    tl.debug_barrier()  # the appends of every thread are visible
+    slots = tl.arange(0, BUF)
+    for r0 in range(0, BLOCK_M, MERGE_ROWS):  # MERGE_ROWS rows of keys at a time bound the registers
+        ptrs = buf + (r0 + tl.arange(0, MERGE_ROWS))[:, None] * BUF + slots[None, :]
+        keys = tl.sort(tl.load(ptrs), dim=1, descending=True)
+        tl.store(ptrs, tl.where(slots[None, :] < KP, keys, -1))
+    tl.debug_barrier()
+    kth = tl.load(buf + tl.arange(0, BLOCK_M) * BUF + KP - 1)
+    thr = tl.where(kth >= 0, (kth >> 32).to(tl.int32).to(tl.float32, bitcast=True), -1.0)
+    return tl.where(row_mask, thr, float("inf"))
+
+
+@triton.jit
 def _topk_encode_kernel(
     x_ptr,  # [B, d]
     w_ptr,  # [n, d]
     b_ptr,  # [n]
-    cand_ptr,  # [B, S, KP] int64 out
+    buf_ptr,  # [programs, BLOCK_M, BUF] int64, filled with -1: per-program top-KP + candidates, the output
+    stats_ptr,  # [programs, 3] int32 out (COUNT only): tiles, tiles that appended, merges
     B,
     N,
     D,
     cols_per_split,
     stride_x,
     stride_w,
-    stride_cb,
-    stride_cs,
     HAS_BIAS: tl.constexpr,
     KP: tl.constexpr,
+    BUF: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    program = pid_m * tl.num_programs(1) + pid_s
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
+    buf = buf_ptr + program.to(tl.int64) * (BLOCK_M * BUF)
+    row_slot = tl.arange(0, BLOCK_M) * BUF  # [BLOCK_M] each row's first slot
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
     tile_cols = tl.arange(0, BLOCK_N)
-    # Distinct negative sentinels: below every real key, and each slot is replaced exactly once.
-    best = tl.zeros([BLOCK_M, KP], dtype=tl.int64) - 1 - tl.arange(0, KP)[None, :]
+    thr = tl.where(row_mask, -1.0, float("inf"))  # every entry qualifies until a row has KP keys
+    fill = tl.zeros([BLOCK_M], dtype=tl.int32)  # keys in a row's slots, counted in registers (one owner)
+    tiles = 0
+    appended = 0
+    merges = 0
     for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tile_cols
         col_mask = cols < col_hi
@@ -76,45 +106,63 @@ def _topk_encode_kernel(
         )  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        # Insert the tile's entries that beat a row's running KP-th key, largest first. After the first
-        # tiles few entries qualify, so this loop usually runs a few times or not at all.
-        f = tl.where(col_mask[None, :], tl.where(acc > 0, acc, 0.0), -1.0)  # -1: never selected
-        top, arg = tl.max(f, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        key = _pack(top, n0 + arg)
-        low = tl.min(best, axis=1)
-        take = (key > low) & (top >= 0)
-        while tl.max(take.to(tl.int32), axis=0) > 0:
-            best = tl.where((best == low[:, None]) & take[:, None], key[:, None], best)
-            f = tl.where((tile_cols[None, :] == arg[:, None]) & take[:, None], -1.0, f)
-            top, arg = tl.max(f, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            key = _pack(top, n0 + arg)
-            low = tl.min(best, axis=1)
-            take = (key > low) & (top >= 0)
-    out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + tl.arange(0, KP)[None, :]
-    tl.store(out, best, mask=row_mask[:, None])
+        # Columns past N (only the last tile: cols_per_split is a multiple of BLOCK_N) read f = 0 and may
+        # fill a row with fewer than KP columns; their keys rank below every real one (value 0, higher ids),
+        # and the splits hold at least k real keys per row, so stage 2 never selects them.
+        f = tl.maximum(acc, 0.0)
+        if COUNT:
+            tiles += 1
+        if tl.max(tl.max(f, axis=1) - thr, axis=0) > 0:  # the common tile ends here
+            take = f > thr[:, None]
+            flags = take.to(tl.int32)
+            # Qualifying entries take a row's next free slots in column order.
+            slot = row_slot[:, None] + fill[:, None] + tl.cumsum(flags, axis=1) - 1
+            tl.store(buf + slot, _pack(f, cols[None, :]), mask=take)
+            fill += tl.sum(flags, axis=1)
+            if COUNT:
+                appended += 1
+            if tl.max(fill, axis=0) > BUF - BLOCK_N:  # the next tile might not fit
+                thr = _merge(buf, row_mask, KP, BUF, BLOCK_M, MERGE_ROWS)
+                fill = tl.minimum(fill, KP)
+                if COUNT:
+                    merges += 1
+    _merge(buf, row_mask, KP, BUF, BLOCK_M, MERGE_ROWS)
+    if COUNT:
+        tl.store(stats_ptr + program * 3, tiles)
+        tl.store(stats_ptr + program * 3 + 1, appended)
+        tl.store(stats_ptr + program * 3 + 2, merges)
 
 
-def plan(B: int, n: int, d: int, k: int, device: torch.device) -> dict:
-    """Tile sizes, KP (k rounded up to a power of two) and the column split."""
+def plan(B: int, n: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tile sizes, KP (k rounded up to a power of two), the buffer width BUF and the column split."""
     KP = max(4, triton.next_power_of_2(k))
-    return split_plan("topk_encode", B, n, device, KP=KP, D=d) | {"KP": KP}
+    ieee = int(precision(dtype) == "ieee")
+    cfg = split_plan("topk_encode", B, n, device, KP=KP, D=d, IEEE=ieee, BYTES=dtype.itemsize)
+    BUF = triton.next_power_of_2(KP + cfg["BLOCK_N"])
+    rows = SORT_ELEMENTS * cfg["num_warps"] // BUF
+    return cfg | {"KP": KP, "BUF": BUF, "MERGE_ROWS": max(1, min(cfg["BLOCK_M"], rows))}
 
 
-def topk_select_triton(x, W, b, k: int):
-    """x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32)."""
+def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
+    """x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
+    stats: None, or an int32 tensor that receives [programs, 3] loop counts (tiles, appends, merges)."""
     B, D = x.shape
     N = W.shape[0]
-    cfg = plan(B, N, D, k, x.device)
-    KP, S = cfg["KP"], cfg["S"]
-    cand = torch.empty(B, S, KP, device=x.device, dtype=torch.int64)
-    _topk_encode_kernel[(triton.cdiv(B, cfg["BLOCK_M"]), S)](
-        x, W, b if b is not None else W, cand, B, N, D, cfg["cols_per_split"],
-        x.stride(0), W.stride(0), cand.stride(0), cand.stride(1),
-        HAS_BIAS=b is not None, KP=KP, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    cfg = plan(B, N, D, k, x.device, x.dtype)
+    KP, S, BM = cfg["KP"], cfg["S"], cfg["BLOCK_M"]
+    R = triton.cdiv(B, BM)
+    buf = torch.full((R * S, BM, cfg["BUF"]), -1, device=x.device, dtype=torch.int64)
+    if stats is not None:
+        stats.resize_(R * S, 3)
+    _topk_encode_kernel[(R, S)](
+        x, W, b if b is not None else W, buf, stats if stats is not None else buf, B, N, D,
+        cfg["cols_per_split"], x.stride(0), W.stride(0),
+        HAS_BIAS=b is not None, KP=KP, BUF=cfg["BUF"], MERGE_ROWS=cfg["MERGE_ROWS"], BLOCK_M=BM,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
+        COUNT=stats is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    keys = cand.view(B, S * KP).topk(k, dim=1).values  # stage 2, sorted
+    cand = buf.view(R, S, BM, cfg["BUF"])[..., :KP].transpose(1, 2).reshape(R * BM, S * KP)[:B]
+    keys = cand.topk(k, dim=1).values  # stage 2, sorted
     values, indices = torch_ops.unpack_keys(keys)
     return values.to(x.dtype), indices
 

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
@@ -6,6 +8,8 @@ from helpers import AllocationRecorder, assert_close, assert_topk
 import kernels
 from kernels import reference as R
 from kernels import torch_ops, validate
+
+topk_encode_module = importlib.import_module("kernels.topk_encode")  # the package re-exports the function
 
 # (B, d, n, k): B = 1, 7, 33; d and n not powers of two; k = 1 and k = n; several column splits.
 SHAPES = [(1, 24, 40, 1), (7, 33, 100, 5), (33, 20, 72, 8), (5, 17, 19, 19), (4, 16, 64, 16), (3, 9, 200, 3)]
@@ -253,3 +257,39 @@ def test_gpu_large(case, dtype):
     x, W, b, b_dec = make(B, d, n, dtype)
     code = kernels.topk_encode(x, W, b, k, b_dec=b_dec)
     assert_topk(code, ref_f(x, W, b, b_dec), k, dtype)
+
+
+def _adversarial(kind, B, d, n):
+    """Inputs whose pre-activations rise (or fall) along the columns, tie over long runs, or are all zero."""
+    x = torch.rand(B, d, device=DEVICE) + 0.5
+    ramp = torch.arange(n, device=DEVICE, dtype=torch.float32) / n
+    W = torch.zeros(n, d, device=DEVICE)
+    if kind == "rising":
+        W[:, 0] = ramp
+    elif kind == "falling":
+        W[:, 0] = ramp.flip(0)
+    elif kind == "ties":
+        W[:, 0] = (torch.arange(n, device=DEVICE) // 37 % 3).float()  # runs of 37 equal values on three levels
+    elif kind == "zero-rows":
+        W[:, 0] = ramp
+        x[::2] = 0.0  # every other row: all pre-activations zero
+    return x, W
+
+
+@pytest.mark.parametrize("kind", ["rising", "falling", "ties", "zero-rows"])
+def test_adversarial_column_orders_exact(kind):
+    """The epilogue's thresholds and merges against a stable float64 sort: the same ids, ties to the lower id.
+    Rising columns make every tile append and merge; ties and zero rows test the id order."""
+    B, d, n, k = 5, 4, 160, 6  # 4 splits of 40 columns, tiles of 16, buffers of 32 slots: merges mid-range
+    x, W = _adversarial(kind, B, d, n)
+    stats = torch.zeros(0, dtype=torch.int32)
+    with kernels.use_backend("triton"):
+        values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
+    f = ref_f(x, W, None)
+    order = torch.sort(f, dim=1, descending=True, stable=True)
+    assert indices.long().tolist() == order.indices[:, :k].tolist()
+    assert_close(values, order.values[:, :k], torch.float32, "values")
+    tiles, appended, merges = stats.sum(0).tolist()
+    assert 0 < appended <= tiles
+    if kind == "rising":
+        assert appended == tiles and merges > 0  # every tile beats the thresholds; buffers fill and merge
