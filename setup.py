@@ -50,7 +50,8 @@ setup(
         "test": ["pytest>=7", "ruff>=0.5", "transformers>=4.40", "huggingface_hub>=0.23", "pyyaml>=6",
                  "tensorboard>=2.12", "wandb>=0.17", "datasets>=2.19",
                  "scipy>=1.10", "matplotlib>=3.7", "selenium>=4.10"],  # fmt: skip
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12"],
+        # eai-sparsify: the peer provider (on CPU through its eager decode)
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12", "eai-sparsify"],
         "peers": ["eai-sparsify"],
     },
     **cpp_extension(),

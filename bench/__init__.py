@@ -13,4 +13,5 @@ Where things are:
   suite.py                runs a suite: ceilings, then check, memory and timing per (op, provider)
   measure.py              timing, memory, ceilings, device facts; report.py: table, JSON, Markdown, plots
   largest.py              the largest n that trains (CUDA); tune.py: the GPU tile sweep (`make gpu-tune`)
+  callgrind.py            one call of each C++ CPU kernel, for callgrind instruction counts
 """

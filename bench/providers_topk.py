@@ -142,8 +142,8 @@ class Sparsify(Provider):
             return f"not importable ({type(e).__name__}: {e}); install it with `pip install eai-sparsify`"
         if not hasattr(mod, "SparseCoder") and not hasattr(mod, "Sae"):
             return f"sparsify {getattr(mod, '__version__', '?')} has neither SparseCoder nor Sae"
-        if not torch.cuda.is_available():
-            return "its decode runs Triton kernels: CUDA only"
+        if not torch.cuda.is_available() and not hasattr(importlib.import_module("sparsify.utils"), "eager_decode"):
+            return "its decode runs Triton kernels, and this version has no eager_decode for the CPU"
         return None
 
     def __init__(self, p: Params, fam: FamilyParams | None = None):
@@ -161,7 +161,12 @@ class Sparsify(Provider):
         return out[0], out[1]
 
     def decode(self, act):
-        return self.coder.decode(*act)
+        if self.p.W_dec.is_cuda:
+            return self.coder.decode(*act)
+        # CPU: its Triton decode cannot run; sparsify's own eager twin (embedding_bag) does what decode does
+        values, indices = act
+        eager = importlib.import_module("sparsify.utils").eager_decode
+        return eager(indices, values.to(self.p.W_dec.dtype), self.p.W_dec.mT) + self.p.b_dec
 
 
 PROVIDERS: dict[str, type[Provider]] = {
