@@ -138,7 +138,8 @@ def plan(B: int, n: int, d: int, k: int, device: torch.device, dtype: torch.dtyp
     KP = max(4, triton.next_power_of_2(k))
     ieee = int(precision(dtype) == "ieee")
     cfg = split_plan("topk_encode", B, n, device, KP=KP, D=d, IEEE=ieee, BYTES=dtype.itemsize)
-    BUF = triton.next_power_of_2(KP + cfg["BLOCK_N"])
+    # Room for a tile past the KP kept keys and as many candidates again: a merge every ~KP appends per row.
+    BUF = triton.next_power_of_2(2 * KP + cfg["BLOCK_N"])
     rows = SORT_ELEMENTS * cfg["num_warps"] // BUF
     return cfg | {"KP": KP, "BUF": BUF, "MERGE_ROWS": max(1, min(cfg["BLOCK_M"], rows))}
 

@@ -199,12 +199,12 @@ def read_sass(sass: str, loops_src: list) -> dict:
     """Instructions (addr, opcode, file, line), the loops (backward branches) and the per-loop counts.
     An instruction from a library (triton.language's reductions, scans, sorts) counts at the last line of
     the project's own files before it: the call site it was inlined at."""
-    own_files = {lp[0] for lp in loops_src}
+    own_files = {Path(lp[0]).name for lp in loops_src}  # by name: a cached cubin may name another checkout
     instrs, labels, where = [], {}, (None, 0)
     for line in sass.splitlines():
         if m := re.match(r'\s*//## File "(.*)", line (\d+)', line):
-            if m.group(1) in own_files:
-                where = (m.group(1), int(m.group(2)))
+            if Path(m.group(1)).name in own_files:
+                where = (Path(m.group(1)).name, int(m.group(2)))
         elif m := re.match(r"\s*(\.L_x_\d+):", line):
             labels[m.group(1)] = None  # address of the next instruction
         elif m := INSTR.search(line):
@@ -226,7 +226,7 @@ def read_sass(sass: str, loops_src: list) -> dict:
         return min(inside, key=lambda se: se[1] - se[0]) if inside else None
 
     def src_loop(file, line):
-        inside = [lp for lp in loops_src if lp[0] == file and lp[1] <= line <= lp[2]]
+        inside = [lp for lp in loops_src if Path(lp[0]).name == file and lp[1] <= line <= lp[2]]
         return min(inside, key=lambda lp: lp[2] - lp[1]) if inside else None
 
     def count(ops):
