@@ -130,3 +130,15 @@ def assert_same_layout(a, b):
 
 def decode_loss(code, W_dec, b_dec, G):
     return (kernels.sparse_decode(code, W_dec, b_dec) * G).sum()
+
+
+def word_tokenizer(words, specials=("[UNK]", "[EOS]"), model_max_length=16, **tokens):
+    """A Hugging Face fast tokenizer over whitespace-separated words, no hub: ids are the specials, then the words.
+    tokens: its special tokens by role (eos_token="[EOS]", ...)."""
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **tokens)

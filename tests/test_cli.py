@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import word_tokenizer
 
 import sae
 from sae.__main__ import TRAIN_DEFAULTS, build_parser, main
@@ -41,12 +42,8 @@ def test_default_dead_window_fits_the_run():
 def tiny_hf_model(tmp_path):
     """A GPT-2 and a word-level tokenizer (model_max_length 16) saved locally: no hub."""
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
     words = [f"w{i}" for i in range(60)]
-    vocab = {"[UNK]": 0, "[EOS]": 1} | {w: i + 2 for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", model_max_length=16)
+    fast = word_tokenizer(words, eos_token="[EOS]")
     config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
     folder = tmp_path / "model"
     transformers.GPT2Model(config).save_pretrained(folder)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import word_tokenizer
 
 import sae
 import sae.corpus as corpus
@@ -50,13 +51,9 @@ def test_context_windows_follow_saelens(docs, windows):
 
 def tiny_tokenizer():
     words = [f"w{i}" for i in range(40)] + ["doc"] + [str(i) for i in range(30)]
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]", model_max_length=8
-    )
-    return fast
+    specials = ("[UNK]", "[BOS]", "[EOS]")
+    tokens = {"bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
+    return word_tokenizer(words, specials, model_max_length=8, **tokens)
 
 
 def test_hf_tokenizer_windows_start_with_bos_and_keep_every_token():

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import word_tokenizer
 
 import sae
 from sae.__main__ import build_parser, main
@@ -67,12 +68,8 @@ def test_eval_demo_sae(tmp_path, one_thread, capsys):
 def text_model(tmp_path):
     """A GPT-2 language model and a word-level tokenizer saved locally (no hub), and a text file."""
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
     words = [f"w{i}" for i in range(40)]
-    vocab = {"[UNK]": 0, "[EOS]": 1} | {w: i + 2 for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", model_max_length=16)
+    fast = word_tokenizer(words, eos_token="[EOS]")
     config = transformers.GPT2Config(
         vocab_size=48, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1
     )
