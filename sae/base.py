@@ -203,6 +203,14 @@ class SAE(nn.Module):
         y = y if scale is None else y * scale
         return y if shift is None else y + shift
 
+    def _target(self, target: torch.Tensor | None, xn: torch.Tensor, state: tuple) -> torch.Tensor:
+        """The loss's target in the normalised space: xn itself, or a transcoder's target [..., d_out]."""
+        if target is None:
+            if self.d_out != self.d_in:
+                raise ValueError(f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target")
+            return xn
+        return self._normalize_like(self._rows(target, "d_out", "target"), state)
+
     @staticmethod
     def _normalize_like(y: torch.Tensor, state: tuple) -> torch.Tensor:
         """A target in the normalised space of the input whose state this is."""
@@ -268,12 +276,7 @@ class SAE(nn.Module):
         the normalised space; "code" is the step's SparseCode [B, K] (values detached).
         """
         xn, state = self._normalize(self._rows(x))
-        if target is None:
-            if self.d_out != self.d_in:
-                raise ValueError(f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target")
-            y = xn
-        else:
-            y = self._normalize_like(self._rows(target, "d_out", "target"), state)
+        y = self._target(target, xn, state)
         code, info = self._encode_info(xn)
         y_hat = self._output(code, xn)
         mse = metrics.mse(y, y_hat)

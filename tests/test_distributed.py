@@ -15,6 +15,7 @@ Every launch has a timeout and kills its process group on expiry; torchrun --sta
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,9 +63,11 @@ def launch(ranks: int, *args: str, timeout: float = 240) -> tuple[int, str, floa
 def checks(ranks: int, spec: str) -> list[dict]:
     """Run worker checks; fail with every FAIL line; return the RESULT records."""
     code, out, _ = launch(ranks, WORKER, spec)
-    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    # ranks share one stdout, so a record may follow another rank's output on the same line: find every marker
+    fails = re.findall(r"FAIL [^\n]*", out)
     assert code == 0 and not fails, "\n".join(fails) or out[-4000:]
-    return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(out, m.end())[0] for m in re.finditer(r"RESULT ", out)]
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

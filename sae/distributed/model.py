@@ -195,12 +195,7 @@ class ShardedSAE:
         x (its group's batch). dead_mask: [d_sae] or this rank's [len(latent_rows)] rows. "code" is this
         shard's code (local ids), for firing statistics."""
         xn, state, t, xc, code, info, skip = self._forward_parts(x)
-        if target is None:
-            if self.d_out != self.d_in:
-                raise ValueError(f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target")
-            y = xn
-        else:
-            y = self._normalize_like(self._rows(target, "d_out", "target"), state)
+        y = self._target(target, xn, state)
         sums = self._sum_parts(code, info, t)
         y_hat = sums["decode"] + t["b_dec"]
         y_hat = y_hat if skip is None else y_hat + skip
