@@ -10,6 +10,7 @@ a BOS token (or prepend_bos=False) gives plain concatenation.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -122,3 +123,13 @@ class TokenBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         windows = context_windows(self.docs(), self.tokenizer, self.context, prepend_bos=self.prepend_bos)
         return window_batches(windows, self.batch_size)
+
+    def part(self, group: int, groups: int) -> TokenBatches:
+        """The batches of documents group, group + groups, group + 2 groups, ... (a data group tokenises and
+        runs the model on its own documents only; as `datasets` splits a stream whose shards do not divide)."""
+        if not 0 <= group < groups:
+            raise ValueError(f"group must be in [0, groups={groups}), got {group}")
+        docs = lambda: itertools.islice(self.docs(), group, None, groups)
+        return TokenBatches(
+            docs, self.tokenizer, context=self.context, batch_size=self.batch_size, prepend_bos=self.prepend_bos
+        )

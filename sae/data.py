@@ -11,6 +11,7 @@ row-wise operation (shuffling, slicing a batch among data groups) keeps the pair
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -46,9 +47,46 @@ class Source:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
+    def part(self, group: int, groups: int) -> Source:
+        """What data group `group` of `groups` trains on: rows [group b, (group + 1) b) of each of this source's
+        batches (b = batch_size / groups), so the groups together train on exactly this source's batches. This
+        default makes each whole batch and keeps its rows, for sources whose batches cost next to nothing (in
+        memory, synthetic); a source that reads storage or runs a model reads only its part."""
+        return BatchPart(self, group, groups)
+
     def __iter__(self):
         while True:
             yield self.next_batch()
+
+
+def _part_size(batch_size: int, group: int, groups: int) -> int:
+    """The rows of a batch that each of `groups` data groups gets; checks the arguments."""
+    if not 0 <= group < groups:
+        raise ValueError(f"group must be in [0, groups={groups}), got {group}")
+    if batch_size % groups:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the data groups ({groups})")
+    return batch_size // groups
+
+
+class BatchPart(Source):
+    """Rows [g b, (g + 1) b) of every batch of `source` (b = its batch size / G), for data group g of G."""
+
+    def __init__(self, source: Source, group: int, groups: int):
+        self.batch_size = _part_size(source.batch_size, group, groups)
+        self.source, self.group = source, group
+        self.d_in, self.d_out = source.d_in, source.d_out
+
+    def next_batch(self) -> torch.Tensor:
+        return self.source.next_batch()[self.group * self.batch_size : (self.group + 1) * self.batch_size]
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.source.sample(n)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
 
 
 def split_pairs(rows: torch.Tensor, d_in: int, d_out: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,36 +277,78 @@ class ShardSource(Source):
         ]
         self.tokens = sum(arr.shape[0] for arr, _ in self.shards)
         self.per_window = max(1, buffer_tokens // chunk_tokens)
-        self.epoch, self.pos = 0, 0
-        self._window = None  # (epoch, first stream row, rows)
+        self.epoch, self.pos = 0, 0  # the next batch's first row in the stream
+        self.group, self.groups = 0, 1  # a data group's part (see part())
+        self._window = None  # the shuffle buffer last used (_window_at)
 
-    def _window_at(self, epoch: int, pos: int) -> tuple[int, torch.Tensor]:
-        """The shuffle buffer holding stream row `pos` of `epoch`: (its first row, its rows)."""
+    def _window_at(self, epoch: int, pos: int) -> tuple:
+        """The shuffle buffer holding stream row `pos` of `epoch`: (epoch, its first stream row, its rows,
+        [rows] the chunk order's row of each buffer row after the shuffle, the chunks' ids, their first
+        rows in the buffer, the rows read: None until read)."""
         order = _perm(len(self.chunks), self.seed, epoch).tolist()
         start = 0
         for w in range(0, len(order), self.per_window):
             ids = order[w : w + self.per_window]
-            rows = sum(self.chunks[c][2] - self.chunks[c][1] for c in ids)
+            sizes = [self.chunks[c][2] - self.chunks[c][1] for c in ids]
+            rows = sum(sizes)
             if pos < start + rows:
-                parts = [self._rows(s, slice(a, b)) for s, a, b in (self.chunks[c] for c in ids)]
-                buf = torch.cat(parts)
-                return start, buf[_perm(buf.shape[0], self.seed, epoch, w)]
+                firsts = np.cumsum([0] + sizes[:-1])
+                return [epoch, start, rows, _perm(rows, self.seed, epoch, w).numpy(), ids, firsts, None]
             start += rows
         raise IndexError(f"row {pos} is past the end of epoch {epoch}")
 
-    def next_batch(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
-        while need:
+    def _stream(self, at: int, count: int) -> torch.Tensor:
+        """Rows [at, at + count) of the stream (position epoch * tokens + row; epochs follow each other).
+        The whole process reads whole shuffle buffers (chunks in order); a data group's part reads only its
+        rows of them."""
+        parts = []
+        while count:
+            epoch, pos = divmod(at, self.tokens)
             w = self._window
-            if w is None or w[0] != self.epoch or not w[1] <= self.pos < w[1] + w[2].shape[0]:
-                w = self._window = (self.epoch, *self._window_at(self.epoch, self.pos))
-            take = w[2][self.pos - w[1] : self.pos - w[1] + need]
-            parts.append(take)
-            need -= take.shape[0]
-            self.pos += take.shape[0]
-            if self.pos == self.tokens:
-                self.epoch, self.pos = self.epoch + 1, 0
+            if w is None or w[0] != epoch or not w[1] <= pos < w[1] + w[2]:
+                w = self._window = self._window_at(epoch, pos)
+            _, start, rows, perm, ids, firsts, buf = w
+            take = min(count, start + rows - pos)
+            picked = perm[pos - start : pos - start + take]
+            if self.groups == 1:
+                if buf is None:
+                    buf = w[6] = torch.cat([self._rows(s, slice(a, b)) for s, a, b in (self.chunks[c] for c in ids)])
+                parts.append(buf[torch.from_numpy(picked)])
+            else:
+                parts.append(self._gather(picked, ids, firsts))
+            at, count = at + take, count - take
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _gather(self, picked: np.ndarray, ids: list[int], firsts: np.ndarray) -> torch.Tensor:
+        """The buffer rows `picked` of the window of chunks `ids` (first buffer rows `firsts`), read alone."""
+        c = np.searchsorted(firsts, picked, side="right") - 1
+        shard = np.array([self.chunks[i][0] for i in ids])[c]
+        row = np.array([self.chunks[i][1] for i in ids])[c] + picked - firsts[c]
+        out = None
+        for s in np.unique(shard):
+            mine = np.flatnonzero(shard == s)
+            order = np.argsort(row[mine], kind="stable")  # ascending rows: one forward pass over the memory map
+            got = self._rows(int(s), row[mine][order])
+            if out is None:
+                out = got.new_empty(len(picked), got.shape[1])
+            out[torch.from_numpy(mine[order])] = got
+        return out
+
+    def next_batch(self) -> torch.Tensor:
+        at = self.epoch * self.tokens + self.pos
+        rows = self._stream(at + self.group * self.batch_size, self.batch_size)
+        self.epoch, self.pos = divmod(at + self.batch_size * self.groups, self.tokens)
+        return rows
+
+    def part(self, group: int, groups: int) -> ShardSource:
+        """Data group `group` of `groups`: rows [group b, (group + 1) b) of each batch (b = batch_size / groups),
+        the same rows as the whole source's batches, read alone (a group reads 1 / groups of the data)."""
+        if self.groups != 1:
+            raise ValueError("part() of a part: take the parts of the whole source")
+        mine = copy.copy(self)
+        mine.batch_size = _part_size(self.batch_size, group, groups)
+        mine.group, mine.groups, mine._window = group, groups, None
+        return mine
 
     def sample(self, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed + 7919)

@@ -31,7 +31,7 @@ import torch
 
 from .atomic import atomic_write
 from .corpus import context_windows, window_batches
-from .data import SHARD_SUFFIXES, TARGETS, Source, _perm, _to_torch, open_shard, split_pairs, write_shard
+from .data import SHARD_SUFFIXES, TARGETS, Source, _part_size, _perm, _to_torch, open_shard, split_pairs, write_shard
 
 TOKENS_SUFFIX = ".tokens.npz"
 TOKEN_FIELDS = {"token_ids": np.int32, "sequence": np.int64, "position": np.int32}
@@ -318,6 +318,21 @@ class HarvestSource(Source):
             if rows >= n:
                 break
         return torch.cat(parts)[:n]
+
+    def part(self, group: int, groups: int) -> HarvestSource:
+        """Data group `group` of `groups`: a source of batch_size / groups rows that runs the model on its own
+        input ids only (`batches.part(group, groups)` where the batches have one, as sae.corpus.TokenBatches,
+        else every groups-th batch), with a shuffle buffer of its own of buffer_tokens rows. Unlike the stored
+        shards' parts, the groups' batches together are not this source's batches: each reads other text."""
+        size = _part_size(self.batch_size, group, groups)
+        if hasattr(self.batches, "part"):
+            batches = self.batches.part(group, groups)
+        else:
+            batches = list(self.batches)
+            if len(batches) < groups:
+                raise ValueError(f"{groups} data groups need {groups} batches of input ids or more, got {len(batches)}")
+            batches = batches[group::groups]
+        return HarvestSource(self.harvester, batches, size, buffer_tokens=self.buffer_tokens, seed=self.seed)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "first": self.first, "pos": self.pos}

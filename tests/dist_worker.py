@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import os
 import sys
@@ -340,6 +341,48 @@ def check_traffic(shards: int) -> None:
     print("RESULT " + json.dumps({"check": "traffic", "sent": sent, "design": design, "weights": weights}), flush=True)
 
 
+# A running model as the source --------------------------------------------------------------------------
+
+
+def check_live(shards: int) -> None:
+    """A running model as the source, with data groups: each group runs the model on its own batches of input
+    ids (every G-th), a group's ranks on the same ones; every group's data position goes into the checkpoint, and
+    such a checkpoint resumes only on as many data groups."""
+    from sae.harvest import Harvester, HarvestSource
+
+    mesh = mesh_of(shards)
+    dp, group = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Linear(8, 8))
+    batches = [torch.randint(40, (2, 5), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    number = {tuple(b.flatten().tolist()): i for i, b in enumerate(batches)}
+    ran = set()
+    lm[0].register_forward_hook(lambda _m, inputs, _o: ran.add(number.get(tuple(inputs[0].flatten().tolist()))))
+    source = HarvestSource(Harvester(lm, "1"), batches, 16, buffer_tokens=20, seed=0)
+    model = distributed.shard_model(sae.TopKSAE, 8, 32, mesh, k=4)
+    cfg = TrainConfig(steps=6, lr=1e-3, log_every=3, stats_tokens=40, eval_tokens=40, progress=False)
+    trainer = distributed.DistributedTrainer(model, source, cfg)
+    summary = trainer.fit()
+    mine = sorted(ran - {None})
+    expect(mine and all(i % dp == group for i in mine), f"live: group {group} ran the model on batches {mine}")
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (group, mine))
+    expect(all(m == mine for g, m in every if g == group), f"live: one group's ranks ran on other batches: {every}")
+    expect(summary["tokens"] == 6 * 16, f"live: {summary['tokens']} tokens in 6 steps of 16")
+    state = trainer.state_dict()
+    small = torch.load(io.BytesIO(state["trainer"]), weights_only=False)
+    expect(small["source"][group] == trainer.source.state_dict(), f"live: checkpointed positions {small['source']}")
+    small["source"] = [{"epoch": 0, "first": i, "pos": 0} for i in range(dp + 1)]
+    blob = io.BytesIO()
+    torch.save(small, blob)
+    try:
+        trainer.load_state_dict(state | {"trainer": blob.getvalue()})
+        expect(False, "live: a checkpoint of other data groups' positions was loaded")
+    except ValueError as e:
+        expect(f"resume it with {dp + 1} data groups" in str(e), f"live: {e}")
+    print("RESULT " + json.dumps({"check": f"live S={shards} dp={dp}", "batches": mine}), flush=True)
+
+
 # A rank that dies -------------------------------------------------------------------------------------------
 
 
@@ -360,7 +403,13 @@ def die(at: int, argv: list[str]) -> None:
     main(["train", *argv])
 
 
-CHECKS = {"exact64": check_exact64, "exact32": check_exact32, "steps": check_steps, "traffic": check_traffic}
+CHECKS = {
+    "exact64": check_exact64,
+    "exact32": check_exact32,
+    "steps": check_steps,
+    "traffic": check_traffic,
+    "live": check_live,
+}
 
 
 def main() -> int:

@@ -71,6 +71,30 @@ def test_shard_source_shuffles_across_shards_and_resumes(tmp_path):
     assert torch.equal(full[sample[:, 0].long()], sample)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_shard_source_parts_read_their_rows_alone(tmp_path, groups):
+    """G data groups' parts give the whole source's batches, across windows and epochs, and after a resume;
+    each part reads only its rows (1 / G of the data), and its position is the whole source's."""
+    write_folder(tmp_path, [40, 23, 61, 5])
+    whole = ShardSource(tmp_path, 16, buffer_tokens=32, chunk_tokens=8, seed=2)
+    parts = [ShardSource(tmp_path, 16, buffer_tokens=32, chunk_tokens=8, seed=2).part(g, groups) for g in range(groups)]
+    read = [0] * groups
+    for g, p in enumerate(parts):
+        rows = p._rows
+        p._rows = lambda s, idx, rows=rows, g=g: read.__setitem__(g, read[g] + len(rows(s, idx))) or rows(s, idx)
+    for _ in range(20):  # 320 rows: past two epochs of 129
+        assert torch.equal(whole.next_batch(), torch.cat([p.next_batch() for p in parts]))
+    assert read == [20 * 16 // groups] * groups and parts[0].batch_size == 16 // groups
+    assert all(p.state_dict() == whole.state_dict() for p in parts)
+    resumed = ShardSource(tmp_path, 16, buffer_tokens=32, chunk_tokens=8, seed=2).part(groups - 1, groups)
+    resumed.load_state_dict(whole.state_dict())
+    assert torch.equal(resumed.next_batch(), whole.next_batch()[-16 // groups :])
+    with pytest.raises(ValueError, match="divisible by the data groups"):
+        whole.part(0, 3)
+    with pytest.raises(ValueError, match="group must be in"):
+        whole.part(groups, groups)
+
+
 def test_shard_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no"):
         ShardSource(tmp_path, 4)
@@ -109,6 +133,26 @@ def test_harvester_hooks_a_named_module():
     assert Harvester(model, "blocks.0")(ids, mask).shape == (16, 12)
     with pytest.raises(ValueError, match="not a module"):
         Harvester(model, "blocks.7")
+
+
+def test_live_source_parts_run_the_model_on_their_own_batches():
+    """A data group's part of a running-model source harvests every G-th batch of input ids, no other."""
+    model = TinyLM()
+    batches = [torch.full((2, 3), i) for i in range(7)]
+    harvester = Harvester(model, "blocks.0")
+    whole = HarvestSource(harvester, batches, 12, buffer_tokens=12, seed=1)
+    seen = []
+    model.embed.register_forward_hook(lambda _m, inputs, _o: seen.append(int(inputs[0].flatten()[0])))
+    for g in range(3):
+        part = whole.part(g, 3)
+        assert part.batch_size == 4 and part.d_in == 12
+        seen.clear()
+        rows = torch.cat([part.next_batch() for _ in range(3)])  # 12 rows: the group's first two input batches
+        assert sorted(set(seen)) == list(range(g, 7, 3))[:2] and rows.shape == (12, 12)
+    with pytest.raises(ValueError, match="divisible by the data groups"):
+        whole.part(0, 5)
+    with pytest.raises(ValueError, match="8 data groups need 8 batches of input ids or more"):
+        HarvestSource(harvester, batches, 16).part(0, 8)
 
 
 class CharTokenizer:

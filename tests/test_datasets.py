@@ -56,6 +56,15 @@ def tiny_tokenizer():
     return word_tokenizer(words, specials, model_max_length=8, **tokens)
 
 
+def test_token_batch_parts_take_every_nth_document():
+    docs = [f"{3 * i + 1} {3 * i + 2} {3 * i + 3}" for i in range(7)]  # each document one window of 4 with BOS
+    whole = corpus.TokenBatches(lambda: docs, IntTokenizer(), context=4, batch_size=1)
+    parts = [list(whole.part(g, 3)) for g in range(3)]
+    assert [[b.tolist() for b in p] for p in parts] == [[b.tolist() for b in list(whole)[g::3]] for g in range(3)]
+    with pytest.raises(ValueError, match="group must be in"):
+        whole.part(3, 3)
+
+
 def test_hf_tokenizer_windows_start_with_bos_and_keep_every_token():
     tok = tiny_tokenizer()
     windows = list(corpus.context_windows(DOCS, tok, 16))

@@ -29,10 +29,9 @@ import torch
 import sae
 from sae import base
 from sae.__main__ import main
-from sae.data import TensorSource
+from sae.data import BatchPart, TensorSource
 from sae.distributed import select
 from sae.distributed.checkpoint import checkpoints
-from sae.distributed.trainer import DataGroupSource
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 STEPS_TOLERANCE = 1e-4
@@ -128,12 +127,12 @@ def test_global_selections_match_one_sort():
 def test_data_groups_split_each_batch_and_keep_pairs():
     acts, targets = torch.randn(64, 3), torch.randn(64, 2)
     whole = TensorSource(acts, 16, targets=targets, seed=1)
-    parts = [DataGroupSource(TensorSource(acts, 16, targets=targets, seed=1), g, 4) for g in range(4)]
+    parts = [TensorSource(acts, 16, targets=targets, seed=1).part(g, 4) for g in range(4)]
     for _ in range(5):  # past an epoch
         assert torch.equal(whole.next_batch(), torch.cat([p.next_batch() for p in parts]))
     assert parts[0].batch_size == 4 and parts[0].d_out == 2
     with pytest.raises(ValueError, match="divisible by the data groups"):
-        DataGroupSource(whole, 0, 3)
+        BatchPart(whole, 0, 3)
 
 
 def test_latent_shards_without_torchrun_is_a_clear_error(monkeypatch):
@@ -156,9 +155,11 @@ def test_two_ranks_exact_every_class_and_bytes_per_step():
 
 def test_four_ranks_exact_and_data_parallel_steps():
     """4 ranks: 4 latent shards, and 2 data groups x 2 shards, exact; 20 TopK steps on 2 x 2 equal one process
-    with the whole batch (gradients averaged over the data groups, firing merged)."""
-    results = checks(4, "exact64:4:2,exact32:4:2,steps:2")
-    assert results[0]["worst_rel_err"] <= STEPS_TOLERANCE
+    with the whole batch (gradients averaged over the data groups, firing merged); a running model as the source
+    runs on each group's own input ids."""
+    results = {r["check"]: r for r in checks(4, "exact64:4:2,exact32:4:2,steps:2,live:2")}
+    assert results["steps S=2 dp=2"]["worst_rel_err"] <= STEPS_TOLERANCE
+    assert results["live S=2 dp=2"]["batches"]
 
 
 @pytest.fixture(scope="module")

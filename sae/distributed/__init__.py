@@ -16,11 +16,10 @@ DistributedTrainer(model, source, TrainConfig(out_dir="run")).fit()   # run/sae:
 from .comm import TRAFFIC
 from .mesh import close, init_mesh, launched
 from .model import ShardedSAE, gather_model, shard_model
-from .trainer import DataGroupSource, DistributedTrainer
+from .trainer import DistributedTrainer
 
 __all__ = [
     "TRAFFIC",
-    "DataGroupSource",
     "DistributedTrainer",
     "ShardedSAE",
     "close",

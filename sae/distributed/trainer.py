@@ -1,7 +1,10 @@
 """sae.Trainer on a data-parallel x latent-shard mesh: what changes when the model is a ShardedSAE.
 
-    data         every data group reads the source's global batches and keeps its rows (DataGroupSource), so
-                 G groups train on exactly the batches one process would; the batch size must divide by G
+    data         data group g of G trains on source.part(g, G): stored activations (ShardSource) give it rows
+                 [g B / G, (g + 1) B / G) of each global batch, read alone, so the G groups train on exactly
+                 the batches one process would; a running model (HarvestSource) runs on the group's own
+                 documents; in-memory and synthetic sources make the whole batch and keep the group's rows.
+                 The batch size must divide by G. Each group's data position goes into the checkpoints.
     gradients    a shard's weight gradients stay on its ranks; across the data groups they are averaged: each
                  large one (>= BUCKET_BYTES) is sent as soon as backward has accumulated it (overlapping the
                  rest of backward), the small ones in one bucket after; clipping sees the global norm (DTensors)
@@ -36,45 +39,24 @@ BUCKET_BYTES = 1 << 20  # gradients at least this large are averaged as soon as 
 C_DEC_LATENTS = 8192  # as Trainer.evaluate: c_dec on this many latents
 
 
-class DataGroupSource(Source):
-    """Rows [g B / G, (g + 1) B / G) of every batch of `source` (B its batch size), for data group g of G."""
-
-    def __init__(self, source: Source, group: int, groups: int):
-        if source.batch_size % groups:
-            raise ValueError(f"batch_size={source.batch_size} must be divisible by the data groups ({groups})")
-        self.source, self.group = source, group
-        self.d_in, self.d_out, self.batch_size = source.d_in, source.d_out, source.batch_size // groups
-
-    def next_batch(self) -> torch.Tensor:
-        return self.source.next_batch()[self.group * self.batch_size : (self.group + 1) * self.batch_size]
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.source.sample(n)
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
-
 def _lost_peer(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in str(e)
 
 
 class DistributedTrainer(Trainer):
     """Trainer for a model made by sae.distributed.shard_model; `source` yields the global batches (as for one
-    process: the same seed and batch size train the same model). Every rank runs it."""
+    process: the same seed and batch size train the same model), and each data group trains on its part
+    (Source.part). Every rank runs it."""
 
     def __init__(self, model: ShardedSAE, source: Source, config: TrainConfig | None = None, **kw):
         if not isinstance(model, ShardedSAE):
             raise TypeError(f"model must come from sae.distributed.shard_model, got {type(model).__name__}")
         mesh = model.mesh
         self.dp, self.dp_group, self.shard_group = mesh[DP].size(), mesh[DP].get_group(), mesh[SHARD].get_group()
-        if source.batch_size % self.dp:
-            raise ValueError(f"batch_size={source.batch_size} must be divisible by the data groups ({self.dp})")
+        self.group = mesh[DP].get_local_rank()
+        part = source.part(self.group, self.dp)
         super().__init__(model, source, config, **kw)
-        self.source = DataGroupSource(source, mesh[DP].get_local_rank(), self.dp)
+        self.source = part
         self.since_fired = torch.zeros(len(model.latent_rows), dtype=torch.long, device=self.device)
         self._pending, self._sent = [], set()
         if self.dp > 1 and self.work is model:  # bf16: the fp32 gradients exist only after backward
@@ -193,6 +175,10 @@ class DistributedTrainer(Trainer):
         small = super().state_dict()
         for key in ("model", "optimizer", "since_fired"):
             del small[key]
+        groups = [small["source"]] * self.dp  # every data group's position, the same list on every rank
+        if self.dp > 1:
+            dist.all_gather_object(groups, small["source"], group=self.dp_group)
+        small["source"] = groups
         blob = io.BytesIO()
         torch.save(small, blob)
         model_state, optim_state = get_state_dict(self.model, self.opt)
@@ -202,6 +188,16 @@ class DistributedTrainer(Trainer):
     def load_state_dict(self, state: dict) -> None:
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         small = torch.load(io.BytesIO(state["trainer"]), weights_only=False)
+        groups = small["source"]
+        if len(groups) == self.dp:
+            small["source"] = groups[self.group]
+        elif all(g == groups[0] for g in groups):  # one stream position (stored activations): any layout
+            small["source"] = groups[0]
+        else:
+            raise ValueError(
+                f"the checkpoint holds a data position per data group for {len(groups)} groups (each read its own "
+                f"documents); resume it with {len(groups)} data groups (ranks / latent shards), not {self.dp}"
+            )
         self.since_fired.copy_(state["since_fired"].to_local())
         mine = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "since_fired": self.since_fired}
         super().load_state_dict(small | mine)
