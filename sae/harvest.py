@@ -274,6 +274,7 @@ class HarvestSource(Source):
         harvester(first[:1, :1])
         self.d_in, self.d_out = harvester.d_in, harvester.d_out
         self.epoch, self.first, self.pos = 0, 0, 0
+        self.part_of: tuple[int, int] | None = None  # (group, groups) for a data group's part
         self._buf, self._next, self._reader, self._last = None, 0, None, False
 
     def _fill(self) -> None:
@@ -332,11 +333,18 @@ class HarvestSource(Source):
             if len(batches) < groups:
                 raise ValueError(f"{groups} data groups need {groups} batches of input ids or more, got {len(batches)}")
             batches = batches[group::groups]
-        return HarvestSource(self.harvester, batches, size, buffer_tokens=self.buffer_tokens, seed=self.seed)
+        mine = HarvestSource(self.harvester, batches, size, buffer_tokens=self.buffer_tokens, seed=self.seed)
+        mine.part_of = (group, groups)
+        return mine
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "first": self.first, "pos": self.pos}
+        """The position; a part's names its part: it means nothing to another part."""
+        state = {"epoch": self.epoch, "first": self.first, "pos": self.pos}
+        return state if self.part_of is None else state | {"part": list(self.part_of)}
 
     def load_state_dict(self, state: dict) -> None:
+        part = tuple(state["part"]) if "part" in state else None
+        if part != self.part_of:
+            raise ValueError(f"a data position of part {part} (group, groups) cannot resume part {self.part_of}")
         self.epoch, self.first, self.pos = state["epoch"], state["first"], state["pos"]
         self._buf, self._reader = None, None

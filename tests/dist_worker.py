@@ -372,7 +372,7 @@ def check_live(shards: int) -> None:
     state = trainer.state_dict()
     small = torch.load(io.BytesIO(state["trainer"]), weights_only=False)
     expect(small["source"][group] == trainer.source.state_dict(), f"live: checkpointed positions {small['source']}")
-    small["source"] = [{"epoch": 0, "first": i, "pos": 0} for i in range(dp + 1)]
+    small["source"] = [{"epoch": 0, "first": 0, "pos": 0, "part": [g, dp + 1]} for g in range(dp + 1)]
     blob = io.BytesIO()
     torch.save(small, blob)
     try:

@@ -149,6 +149,8 @@ def test_live_source_parts_run_the_model_on_their_own_batches():
         seen.clear()
         rows = torch.cat([part.next_batch() for _ in range(3)])  # 12 rows: the group's first two input batches
         assert sorted(set(seen)) == list(range(g, 7, 3))[:2] and rows.shape == (12, 12)
+    with pytest.raises(ValueError, match=r"part \(2, 3\) \(group, groups\) cannot resume part \(0, 3\)"):
+        whole.part(0, 3).load_state_dict(part.state_dict())
     with pytest.raises(ValueError, match="divisible by the data groups"):
         whole.part(0, 5)
     with pytest.raises(ValueError, match="8 data groups need 8 batches of input ids or more"):
