@@ -3,9 +3,11 @@
     dW[i]   = sum over (b, j) with indices[b, j] = i of coef[b, j] * X[b]      dW: [n, d]
     dsum[i] = sum over the same (b, j) of coef[b, j]                           dsum: [n] (bias gradients)
 
-The (b, j) pairs are bucketed by latent (a stable sort and a CSR offset array), and each program reduces
-one latent's bucket for one tile of d in a fixed order, so results are bit-reproducible. Rows of latents
-that no pair names are written as zeros.
+The (b, j) pairs are bucketed by latent (a stable sort and a CSR offset array; each pair's row of X and
+coefficient are gathered into bucket order on the host, so the kernel's only dependent load is X's row).
+A program owns LATENTS consecutive latents and one tile of d, and reduces each non-empty bucket BLOCK_E
+pairs at a time in a fixed order, so results are bit-reproducible. Rows of latents that no pair names are
+written as zeros, or left untouched (no traffic) when accumulating into an existing dW (`into`).
 """
 
 from __future__ import annotations
@@ -20,58 +22,76 @@ from .backend import resolve
 
 @triton.jit
 def _scatter_rows_kernel(
-    order_ptr,  # [B*K] int64: flat slots b*K + j, sorted by latent (stable)
-    offsets_ptr,  # [n + 1] int64: bucket i is order[offsets[i]:offsets[i + 1]]
-    coef_ptr,  # [B*K] contiguous
+    row_ptr,  # [P] int32: the row of X of each pair, pairs sorted by latent (stable)
+    coef_ptr,  # [P] fp32: the coefficient of each sorted pair
+    offsets_ptr,  # [n + 1] int64: latent i's pairs are [offsets[i], offsets[i + 1])
     x_ptr,  # [B, d]
     out_ptr,  # [n, d]
     sum_ptr,  # [n], written when WITH_SUM
+    N,
     D,
-    K,
     stride_x,
     stride_out,
+    ACCUMULATE: tl.constexpr,  # out += the sums (rows of empty buckets untouched); else out = the sums
     WITH_SUM: tl.constexpr,
+    LATENTS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * LATENTS
     pid_d = tl.program_id(1)
-    start = tl.load(offsets_ptr + latent)
-    end = tl.load(offsets_ptr + latent + 1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    coef_sum = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        e_mask = e < end
-        slot = tl.load(order_ptr + e, mask=e_mask, other=0)
-        c = tl.load(coef_ptr + slot, mask=e_mask, other=0.0).to(tl.float32)
-        row = slot // K
-        x = tl.load(
-            x_ptr + row[:, None] * stride_x + cols[None, :],
-            mask=e_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(c[:, None] * x, axis=0)
-        coef_sum += c
-    tl.store(out_ptr + latent * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
-    if WITH_SUM:
-        if pid_d == 0:
-            tl.store(sum_ptr + latent, tl.sum(coef_sum, axis=0).to(sum_ptr.dtype.element_ty))
+    start = tl.load(offsets_ptr + first)
+    if not ACCUMULATE:  # zero rows for the group's empty buckets
+        group = first + tl.arange(0, LATENTS)
+        in_range = group < N
+        empty = in_range & (tl.load(offsets_ptr + group, in_range, 0) == tl.load(offsets_ptr + group + 1, in_range, 0))
+        zeros = tl.zeros([LATENTS, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + group[:, None] * stride_out + cols[None, :], zeros, empty[:, None] & col_mask[None, :])
+        if WITH_SUM and pid_d == 0:
+            tl.store(sum_ptr + group, tl.zeros([LATENTS], dtype=sum_ptr.dtype.element_ty), empty)
+    lanes = tl.arange(0, BLOCK_E)
+    lo = start
+    for latent in range(first, tl.minimum(first + LATENTS, N)):
+        hi = tl.load(offsets_ptr + latent + 1)
+        if hi > lo:  # an empty bucket costs this compare
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            coef_sum = tl.zeros([BLOCK_E], dtype=tl.float32)
+            for e0 in range(lo, hi, BLOCK_E):
+                e = e0 + lanes
+                e_mask = e < hi
+                c = tl.load(coef_ptr + e, e_mask, 0.0)
+                rows = tl.load(row_ptr + e, e_mask, 0).to(tl.int64)
+                x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], e_mask[:, None] & col_mask[None, :], 0.0)
+                acc += tl.sum(c[:, None] * x.to(tl.float32), axis=0)
+                coef_sum += c
+            dst = out_ptr + latent * stride_out + cols
+            if ACCUMULATE:
+                acc += tl.load(dst, col_mask, 0.0).to(tl.float32)
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), col_mask)
+            if WITH_SUM and pid_d == 0:
+                tl.store(sum_ptr + latent, tl.sum(coef_sum, axis=0).to(sum_ptr.dtype.element_ty))
+        lo = hi
 
 
-def scatter_rows_triton(coef, indices, X, n: int, with_sum: bool, out_dtype: torch.dtype):
-    B, K = coef.shape
-    D = X.shape[1]
+def scatter_rows_triton(coef, indices, X, n: int, with_sum: bool, out_dtype: torch.dtype, into=None):
+    """(dW [n, d] out_dtype, dsum [n] or [1]). With `into` ([n, d] out_dtype, not with with_sum) the rows are
+    added to it in place, rows of empty buckets untouched (no traffic), and it is returned as dW."""
+    if into is not None and (with_sum or into.shape != (n, X.shape[1]) or into.dtype != out_dtype):
+        raise ValueError(f"into must be a [{n}, {X.shape[1]}] {out_dtype} tensor, without with_sum")
+    K, D = coef.shape[1], X.shape[1]
     order, offsets = torch_ops.buckets(indices, n)
-    out = torch.empty(n, D, device=X.device, dtype=out_dtype)
+    rows = (order // K).to(torch.int32)
+    coef = coef.reshape(-1)[order].float()
+    out = torch.empty(n, D, device=X.device, dtype=out_dtype) if into is None else into
     sums = torch.empty(n if with_sum else 1, device=X.device, dtype=out_dtype)
-    cfg = tuning.config("scatter_rows", D=D)
-    grid = (n, triton.cdiv(D, cfg["BLOCK_D"]))
+    cfg = tuning.config("scatter_rows", D=D, BYTES=X.element_size())
+    grid = (triton.cdiv(n, cfg["LATENTS"]), triton.cdiv(D, cfg["BLOCK_D"]))
     _scatter_rows_kernel[grid](
-        order, offsets, coef.contiguous(), X, out, sums, D, K, X.stride(0), out.stride(0),
-        WITH_SUM=with_sum, BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        rows, coef, offsets, X, out, sums, n, D, X.stride(0), out.stride(0), ACCUMULATE=into is not None,
+        WITH_SUM=with_sum, LATENTS=cfg["LATENTS"], BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out, sums
 

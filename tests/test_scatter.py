@@ -7,8 +7,9 @@ from conftest import BACKENDS, DEVICE
 from helpers import assert_close
 
 import kernels
+from kernels import backend, tuning
 from kernels import reference as R
-from kernels.scatter import scatter_rows
+from kernels.scatter import scatter_rows, scatter_rows_triton
 from kernels.sparse_decode import gather_dot
 
 # (B, K, n, d): B = 1, K = 1, odd d, n far above the ids used (empty buckets), ids repeated within rows.
@@ -68,6 +69,39 @@ def test_scatter_rows_all_slots_on_one_latent(backend):
     ref_W, ref_sum = R.scatter_rows(coef.double(), ids, X.double(), n)
     assert_close(dW, ref_W, torch.float32, "dW")
     assert_close(dsum, ref_sum, torch.float32, "dsum")
+
+
+def test_scatter_rows_into_accumulates_in_place():
+    """`into`: the sums are added to an existing dW; rows of empty buckets keep their bits."""
+    B, K, n, d = 33, 4, 40, 20
+    coef, ids, X = torch.randn(B, K, device=DEVICE), make_ids(B, K, n), torch.randn(B, d, device=DEVICE)
+    prior = torch.randn(n, d, device=DEVICE)
+    out, _ = scatter_rows_triton(coef, ids, X, n, False, torch.float32, into=prior.clone())
+    ref_W, _ = R.scatter_rows(coef.double(), ids, X.double(), n)
+    assert_close(out, prior.double() + ref_W, torch.float32, "dW")
+    untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    untouched[ids.long().flatten()] = False
+    assert untouched.any() and torch.equal(out[untouched], prior[untouched])
+    with pytest.raises(ValueError, match="into must be"):
+        scatter_rows_triton(coef, ids, X, n, True, torch.float32, into=prior)
+
+
+@pytest.mark.skipif(not backend.INTERPRET, reason="interpreter only: a GPU runs these configs anyway")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [20, 1030])
+def test_scatter_rows_gpu_configs(d, dtype, monkeypatch):
+    """The GPU configs (LATENTS-latent groups, masked column tiles) through the interpreter: a bucket of half the
+    pairs spans several blocks, most latents are empty."""
+    monkeypatch.setattr(tuning, "_device_key", lambda op: "default")
+    B, K, n = 24, 3, 70
+    coef = torch.randn(B, K, device=DEVICE).to(dtype)
+    ids = torch.randint(0, n, (B, K), device=DEVICE, dtype=torch.int32)
+    ids[:, 0] = 33
+    X = torch.randn(B, d, device=DEVICE).to(dtype)
+    dW, dsum = scatter_rows(coef, ids, X, n, True, dtype)
+    ref_W, ref_sum = R.scatter_rows(coef.double(), ids, X.double(), n)
+    assert_close(dW, ref_W, dtype, "dW")
+    assert_close(dsum, ref_sum, dtype, "dsum")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
