@@ -42,6 +42,15 @@ bench: $(VENV)/.installed
 bench-full: $(VENV)/.installed
 	$(PY) -m bench --full --results-dir $(RESULTS_DIR)
 
+# Time budgets (seconds) of the GPU targets. Each of gpu-test, gpu-bench and gpu-tune fits one 10-minute call
+# on an H100 with gpu-install (~1 min): it starts no new test, case or config once its budget is spent, records
+# what it skipped, and writes its JSON as it goes, so a call cut short still leaves results (bench/NOTES.md,
+# "GPU targets: budget").
+GPU_TEST_BUDGET_S ?= 400
+GPU_TEST_TIMEOUT_S ?= 90
+GPU_BENCH_BUDGET_S ?= 460
+GPU_TUNE_BUDGET_S ?= 460
+
 # On the GPU machine (no network; torch, triton, numpy, pytest preinstalled): install offline against
 # those packages, run the compiled suite (gpu tests included), then the benchmark; logs and JSON go
 # under $(RESULTS_DIR). gpu-test and gpu-bench are the two halves, for runs with a time limit per call.
@@ -52,18 +61,22 @@ gpu-install:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 # Kernel compilation dominates a cold GPU run: with pytest-xdist (preinstalled there) 8 workers compile at once.
+# pytest-timeout (preinstalled too) ends a test after GPU_TEST_TIMEOUT_S; bench.testrun skips the tests that
+# would start after GPU_TEST_BUDGET_S and writes gpu-tests.json every 2 s.
 gpu-test: gpu-install
 	set -o pipefail; python3 -m pytest -q -m "gpu or not gpu" $$(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') \
+		$$(python3 -c "import pytest_timeout" 2>/dev/null && printf -- '--timeout=$(GPU_TEST_TIMEOUT_S)') \
+		-p bench.testrun --run-budget-s $(GPU_TEST_BUDGET_S) --run-json $(RESULTS_DIR)/gpu-tests.json \
 		tests 2>&1 | tee $(RESULTS_DIR)/gpu-tests.log
 
 gpu-bench: gpu-install
-	set -o pipefail; python3 -m bench --quick --device cuda --results-dir $(RESULTS_DIR) 2>&1 \
-		| tee $(RESULTS_DIR)/gpu-bench.log
+	set -o pipefail; python3 -m bench --quick --device cuda --budget-s $(GPU_BENCH_BUDGET_S) \
+		--results-dir $(RESULTS_DIR) 2>&1 | tee $(RESULTS_DIR)/gpu-bench.log
 
-# Tile sweep of the fused encoders at the reference shape (GPU only); JSON under $(RESULTS_DIR).
+# Tile sweep of the fused encoders at the reference shape (GPU only); JSON under $(RESULTS_DIR), after each config.
 gpu-tune: gpu-install
-	python3 -m bench.tune --op topk_encode --results-dir $(RESULTS_DIR)
-	python3 -m bench.tune --op threshold_encode --results-dir $(RESULTS_DIR)
+	python3 -m bench.tune --op topk_encode,threshold_encode --budget-s $(GPU_TUNE_BUDGET_S) \
+		--results-dir $(RESULTS_DIR)
 
 # Compile every Triton kernel for sm_90 with the GPU machine's triton 3.6, on this CPU machine.
 compile-check: .venv-t36/.installed

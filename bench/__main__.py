@@ -6,6 +6,10 @@ Examples:
   python -m bench --cases 'encode*,step' --n 16384,65536 --providers ours,dense
   python -m bench --cases 'jumprelu_*,forward_*'   # one threshold family, and every class's model(x)
   python -m bench --cases largest_n --device cuda  # the largest n that trains at d = 4096
+  python -m bench --device cuda --budget-s 480     # cases that would start after 8 minutes are skipped
+
+The JSON (<results-dir>/<device>-<suite>.json) is rewritten after every case, so a run stopped early leaves its
+results ("complete": false); the Markdown and the plots are written at the end.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import measure, report
 from .inputs import CHECK_ROWS
 from .ops import LARGEST_N, OPS, providers_named, select_ops
 from .providers_topk import PROVIDERS
 from .shapes import DTYPES, GPU_REFERENCE, family_shapes, suite_shapes
 from .suite import Run, execute
+
+REPORT_RESERVE_S = 20  # the Markdown and the plots, written after the last case
 
 
 def _ints(text: str) -> list[int]:
@@ -43,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     ap.add_argument("--results-dir", type=Path, help="default: $RESULTS_DIR or bench/results")
+    ap.add_argument(
+        "--budget-s",
+        type=measure.budget_seconds,
+        default=os.environ.get("BENCH_BUDGET_S") or None,  # argparse converts a string default with `type`
+        help="wall-clock budget in seconds: a case starts only while more is left than the longest case took "
+        f"(+{REPORT_RESERVE_S} s for the report); the rest are recorded as skipped. Default: $BENCH_BUDGET_S, "
+        "else no limit",
+    )
     axes = {"n": "dictionary sizes", "d": "input widths", "k": "k values", "batch": "batch sizes"}
     for axis, what in axes.items():
         ap.add_argument(f"--{axis}", type=_ints, help=f"override the suite's {what} (comma-separated)")
@@ -67,6 +81,7 @@ def main(argv=None) -> int:
     chosen = select_ops(args.cases)
     ops = [op for op in chosen if op in OPS]
     run = Run(args.suite, device, shapes, ops, [], family_shapes(args.suite, device, shapes), LARGEST_N in chosen)
+    run.budget = measure.Budget(args.budget_s, reserve_s=REPORT_RESERVE_S)
     for name in names:
         reason = PROVIDERS[name].unavailable()
         if name == "chunked" and device == "cpu" and not args.providers:
@@ -91,7 +106,7 @@ def main(argv=None) -> int:
         run.note("CPU: 'ours' runs the kernels' torch backend (chunked PyTorch); 'cpp' the C++ kernels (csrc/)")
     run.note(f"every provider is checked against the float64 reference on {CHECK_ROWS} rows before timing")
     t0 = time.perf_counter()
-    doc = execute(run)
+    doc = execute(run, save=lambda doc: report.write_json(doc, results_dir))
     doc["wall_s"] = time.perf_counter() - t0
     print(report.text_table(doc))
     for path in report.write(doc, results_dir):

@@ -1,4 +1,4 @@
-"""Measuring: device facts, versions, timing, peak memory and energy.
+"""Measuring: device facts, versions, timing, peak memory and energy; a run's time budget.
 
 Timing. CUDA: `triton.testing.do_bench` (it flushes the L2 cache before every run, so inputs never start
 warm in cache; median and 20/80 quantiles). CPU: one warm-up call, then repeated calls until `CPU_BUDGET_S`
@@ -15,9 +15,12 @@ were already live; None where the kernel does not allow the reset.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import ctypes
 import functools
 import gc
+import math
 import os
 import platform
 import statistics
@@ -57,6 +60,56 @@ def time_ms(fn: Callable[[], object], device: str) -> tuple[float, float, float]
         times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
+
+
+# ---- time budget --------------------------------------------------------------------------------------
+
+
+BUDGET = "time budget"  # how the reason of a case the budget skipped begins
+
+
+def budget_seconds(text: str) -> float:
+    """argparse type of a --budget-s option: seconds >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+class Budget:
+    """A run's wall-clock budget, so that a run with a time limit ends on its own with its results written.
+
+    A case starts only while more time is left than the longest case so far took, plus `reserve_s` (the
+    report written after the last case). `seconds=None`: no limit. `clock`: seconds, monotonic.
+    """
+
+    def __init__(self, seconds: float | None, reserve_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"budget seconds={seconds}: expected >= 0 or None")
+        self.seconds, self.reserve_s, self.clock = seconds, reserve_s, clock
+        self.start = clock()
+        self.longest = 0.0
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - (self.clock() - self.start)
+
+    def allows(self, needs_s: float = 0.0) -> bool:
+        """Whether the next case may start; needs_s: what it is known to take, where more than the longest."""
+        return self.left() > max(self.longest, needs_s) + self.reserve_s
+
+    def why_not(self) -> str:
+        """The reason recorded for a case the budget skipped."""
+        return (f"{BUDGET}: {max(0.0, self.left()):.0f} s of {self.seconds:.0f} s left, "
+                f"the longest case took {self.longest:.0f} s")  # fmt: skip
+
+    @contextlib.contextmanager
+    def case(self):
+        """Times the enclosed case; its time enters `longest` even when it raises."""
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.longest = max(self.longest, self.clock() - t0)
 
 
 # ---- memory ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from sae.atomic import atomic_write
+
 from .ops import OPS
 from .providers_topk import BASELINES, PROVIDERS
 
@@ -213,11 +215,19 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
     return written
 
 
+def save_json(doc: dict, path: Path) -> Path:
+    """doc as JSON at path, atomically: a reader (or a run killed mid-write) sees the old file or the new one."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
+
+
+def write_json(doc: dict, out_dir: Path) -> Path:
+    """The run's JSON, <stem>.json in out_dir; written after every case, so a run stopped early leaves its results."""
+    return save_json(doc, out_dir / f"{stem(doc)}.json")
+
+
 def write(doc: dict, out_dir: Path) -> list[Path]:
     """JSON, Markdown and PNGs into out_dir; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / stem(doc)
-    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    json_path = write_json(doc, out_dir)
+    md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(doc))
     return [json_path, md_path, *plots(doc, out_dir)]

@@ -1,10 +1,16 @@
-"""Runs a suite: for every shape, the two ceilings, then every (op, provider): check, peak memory, timing."""
+"""Runs a suite: for every shape, the two ceilings, then every (op, provider): check, peak memory, timing.
+
+Under a time budget (Run.budget) a case starts only while the budget allows it; the others are recorded as
+skipped with the reason. The document is handed to `save` after every case, so a run that is stopped early
+(a budget, a kill, a failed check) leaves the results it has.
+"""
 
 from __future__ import annotations
 
 import datetime
 import gc
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +24,8 @@ from .ops import OPS, check, estimate_bytes
 from .providers import Provider
 from .providers_topk import BASELINES
 from .shapes import Shape
+
+LARGEST_N_S = 60  # what the largest-n search may take on an H100 (bench/largest.py: under a minute)
 
 
 class Progress:
@@ -42,7 +50,7 @@ class Progress:
 @dataclass
 class Run:
     """shapes: where the TopK ops run; family_shapes: where the threshold-family and forward ops run;
-    largest: whether to run the largest-n case (bench.largest, CUDA only)."""
+    largest: whether to run the largest-n case (bench.largest, CUDA only); budget: the run's time budget."""
 
     suite: str
     device: str
@@ -55,6 +63,7 @@ class Run:
     results: list[dict] = field(default_factory=list)
     gemm: list[dict] = field(default_factory=list)
     largest_n: dict | None = None
+    budget: measure.Budget = field(default_factory=lambda: measure.Budget(None))
 
     def ops_at(self, shape: Shape) -> list[str]:
         return [op for op in self.ops if OPS[op].group == "topk" or shape in self.family_shapes]
@@ -114,36 +123,20 @@ def _add_speedups(records: list[dict]) -> None:
             r["speedup"] = {b: ms[b] / r["ms"] for b in BASELINES if b in ms}
 
 
-def execute(run: Run) -> dict:
-    """Run every case of `run`; returns the results document (see report.write_json)."""
+def execute(run: Run, save: Callable[[dict], object] | None = None) -> dict:
+    """Run every case of `run`; returns the results document (see report.write_json).
+
+    save(doc), when given, is called after every case with the document so far ("complete": False), and once
+    more if the run stops on an exception that follows some results ("stopped": the exception)."""
     gc.collect()
     gc.freeze()  # the objects alive now (modules): every gc.collect between cases skips them (~0.1 s each)
     probe = measure.MemoryProbe(run.device)
     avail = probe.available_bytes()
     validate = kernels.validation_enabled()
     kernels.set_validation(False)  # no host-syncing finiteness checks while timing
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    shapes = list(dict.fromkeys([*run.shapes, *run.family_shapes]))
-    total = 1 + sum(1 + run.cases_at(s) for s in shapes) + (run.largest and run.device == "cuda")
-    progress = Progress(total)
-    try:
-        progress.step("ceiling: device-to-device copy")
-        copy = measure.copy_ceiling(run.device)
-        _free(run.device)
-        for shape in shapes:
-            _run_shape(run, shape, probe, avail, copy["gbps"], progress)
-        if run.largest and run.device != "cuda":
-            run.note(f"skip {largest.NAME}: CUDA only ({largest.CPU_SKIP})")
-        elif run.largest:
-            progress.step(f"{largest.NAME}: d={largest.D}, n from 2^{largest.FIRST_EXP}, until out of memory")
-            run.largest_n = largest.search(run, _free)
-    finally:
-        progress.close()
-        kernels.set_validation(validate)
-        gc.unfreeze()
-    return {
+    doc = {
         "suite": run.suite,
-        "created": created,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
         "device": measure.device_facts(run.device),
         "versions": measure.versions(),
@@ -153,25 +146,75 @@ def execute(run: Run) -> dict:
             "tf32": tf32_enabled(),
             "timing": "triton.testing.do_bench" if run.device == "cuda" else "median of repeated runs",
             "peak_memory": "cuda max_memory_allocated" if run.device == "cuda" else "peak RSS growth",
+            "budget_s": run.budget.seconds,
         },
-        "ceilings": {"copy": copy, "gemm": run.gemm},
+        "complete": False,
+        "ceilings": {"copy": None, "gemm": run.gemm},
         "notes": run.notes,
         "results": run.results,
-        "largest_n": run.largest_n,
+        "largest_n": None,
     }
+    saved = (lambda: save(doc)) if save else (lambda: None)
+    # the family shapes first: in the CUDA quick suite the reference shape, measured before the sweep over n
+    shapes = list(dict.fromkeys([*run.family_shapes, *run.shapes]))
+    total = 1 + sum(1 + run.cases_at(s) for s in shapes) + (run.largest and run.device == "cuda")
+    progress = Progress(total)
+    try:
+        progress.step("ceiling: device-to-device copy")
+        copy = doc["ceilings"]["copy"] = measure.copy_ceiling(run.device)
+        _free(run.device)
+        for shape in shapes:
+            _run_shape(run, shape, probe, avail, copy["gbps"], progress, saved)
+        if run.largest and run.device != "cuda":
+            run.note(f"skip {largest.NAME}: CUDA only ({largest.CPU_SKIP})")
+        elif run.largest and not run.budget.allows(LARGEST_N_S):
+            run.note(f"skip {largest.NAME}: {run.budget.why_not()}; the search takes up to {LARGEST_N_S} s")
+        elif run.largest:
+            progress.step(f"{largest.NAME}: d={largest.D}, n from 2^{largest.FIRST_EXP}, until out of memory")
+            with run.budget.case():
+                run.largest_n = doc["largest_n"] = largest.search(run, _free)
+            saved()
+    except BaseException as e:
+        if run.results:
+            doc["stopped"] = f"{type(e).__name__}: {str(e)[:300]}"
+            saved()
+        raise
+    finally:
+        progress.close()
+        kernels.set_validation(validate)
+        gc.unfreeze()
+    skipped = [r for r in run.results if r["status"] == "skipped" and r["reason"].startswith(measure.BUDGET)]
+    if skipped:
+        first = skipped[0]
+        run.note(f"{measure.BUDGET} of {run.budget.seconds:.0f} s spent: {len(skipped)} cases not run, from "
+                 f"{first['op']} n={first['n']} {first['provider']} on (status 'skipped')")  # fmt: skip
+    doc["device"] = measure.device_facts(run.device)  # clocks and temperature after the run
+    doc["complete"] = True
+    return doc
 
 
-def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, progress: Progress) -> None:
+def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, progress: Progress, saved) -> None:
     base = shape.itemsize * (2 * shape.n * shape.d + 3 * shape.B * shape.d + shape.B * shape.n)
     progress.step(f"ceiling: GEMM {shape.label()}")
+    if not run.budget.allows():
+        reason = run.budget.why_not()
+        for op in run.ops_at(shape):
+            for cls in run.providers:
+                if op in cls.ops:
+                    progress.step(f"skipped {op} {shape.label()} {cls.name}")
+                    run.results.append({"op": op, **shape.asdict(), "provider": cls.name, "status": "skipped",
+                                        "reason": reason})  # fmt: skip
+        saved()
+        return
     why = None
-    try:
-        if base > 0.9 * avail:
-            raise torch.cuda.OutOfMemoryError(f"weights, inputs and the GEMM need {base / 2**30:.1f} GiB")
-        I = Inputs.make(shape, run.device)
-        gemm = {**shape.asdict(), **measure.gemm_ceiling(I.x, I.params.W_enc, run.device)}
-    except torch.cuda.OutOfMemoryError as e:
-        why = str(e).splitlines()[0]
+    with run.budget.case():
+        try:
+            if base > 0.9 * avail:
+                raise torch.cuda.OutOfMemoryError(f"weights, inputs and the GEMM need {base / 2**30:.1f} GiB")
+            I = Inputs.make(shape, run.device)
+            gemm = {**shape.asdict(), **measure.gemm_ceiling(I.x, I.params.W_enc, run.device)}
+        except torch.cuda.OutOfMemoryError as e:
+            why = str(e).splitlines()[0]
     if why is not None:  # freed outside the except block, whose traceback holds the half-built tensors
         _free(run.device)
         run.note(f"skip {shape.label()}: {why} (of {avail / 2**30:.1f} GiB)")
@@ -188,19 +231,23 @@ def _run_shape(run: Run, shape: Shape, probe, avail: int, copy_gbps: float, prog
             progress.step(f"{op} {shape.label()} {cls.name}")
             rec = {"op": op, **shape.asdict(), "provider": cls.name, "touched_latents": I.touched}
             need = estimate_bytes(op, cls, shape)
-            if need > 0.95 * avail:
+            if not run.budget.allows():
+                rec.update(status="skipped", reason=run.budget.why_not())
+            elif need > 0.95 * avail:
                 rec.update(status="skipped", reason=f"needs ~{need / 2**30:.1f} GiB of {avail / 2**30:.1f}")
             else:
-                try:
-                    rec.update(_measure(run, op, cls, I, probe, gemm["ms"], copy_gbps))
-                except torch.cuda.OutOfMemoryError:
-                    rec.update(status="skipped", reason="out of memory")
-            if rec["status"] == "skipped":
+                with run.budget.case():
+                    try:
+                        rec.update(_measure(run, op, cls, I, probe, gemm["ms"], copy_gbps))
+                    except torch.cuda.OutOfMemoryError:
+                        rec.update(status="skipped", reason="out of memory")
+            if rec["status"] == "skipped" and not rec["reason"].startswith(measure.BUDGET):
                 run.note(f"skip {op} {shape.label()} {cls.name}: {rec['reason']}")
             I.zero_grad()
             _free(run.device)
             records.append(rec)
-        _add_speedups(records)
-        run.results.extend(records)
+            run.results.append(rec)
+            _add_speedups(records)
+            saved()
     del I
     _free(run.device)

@@ -226,3 +226,168 @@ def test_cli_fails_loudly_on_a_wrong_provider(tmp_path, fast_timing, monkeypatch
     with pytest.raises(CheckError, match="encode .* provider ours: row"):
         main([*TINY, "--cases", "encode", "--providers", "ours,dense", "--results-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # nothing was timed or written
+
+
+# ---- time budgets and results written as a run goes (make gpu-bench, gpu-tune, gpu-test) --------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_budget_starts_a_case_only_while_the_longest_fits():
+    clock = FakeClock()
+    budget = measure.Budget(10.0, reserve_s=1.0, clock=clock)
+    with budget.case():
+        clock.t += 4.0  # left 6 > 4 + 1 afterwards
+    assert budget.allows() and budget.longest == 4.0
+    clock.t += 1.5  # left 4.5 < 4 + 1
+    assert not budget.allows() and budget.why_not().startswith(measure.BUDGET)
+    assert measure.Budget(None, clock=clock).allows()
+    with pytest.raises(ValueError, match="seconds=-1"):
+        measure.Budget(-1)
+
+
+def _fake_measure(clock, seconds):
+    def fake(run, op, cls, I, probe, gemm_ms, copy_gbps):
+        clock.t += seconds
+        return {"status": "ok", "ms": 1.0}
+
+    return fake
+
+
+def test_suite_skips_cases_past_its_budget_and_saves_after_each(monkeypatch, fast_timing):
+    """A 2.5 s budget and cases of 1 s: two run, the third would not fit; the second shape is skipped whole,
+    without building its inputs; the document is saved after every case, complete only at the end."""
+    from bench import suite
+
+    clock = FakeClock()
+    monkeypatch.setattr(suite, "_measure", _fake_measure(clock, 1.0))
+    shapes = [Shape(B=16, d=8, n=64, k=4, dtype="float32"), Shape(B=16, d=8, n=128, k=4, dtype="float32")]
+    run = suite.Run("quick", "cpu", shapes, ["encode", "decode"], [Ours, Dense])
+    run.budget = measure.Budget(2.5, clock=clock)
+    saves = []
+    doc = suite.execute(run, save=lambda d: saves.append((len(d["results"]), d["complete"])))
+    assert [r["status"] for r in doc["results"]] == ["ok", "ok"] + ["skipped"] * 6
+    assert all(r["reason"].startswith(measure.BUDGET) for r in doc["results"][2:])
+    skipped = [(r["op"], r["n"], r["provider"]) for r in doc["results"][2:4]]
+    assert skipped == [("decode", 64, "ours"), ("decode", 64, "dense")]
+    assert saves[:4] == [(1, False), (2, False), (3, False), (4, False)] and saves[-1] == (8, False)
+    assert doc["complete"] and doc["config"]["budget_s"] == 2.5
+    assert any("6 cases not run" in note for note in doc["notes"])
+    assert doc["results"][1]["speedup"] == {"dense": 1.0}  # speedups of the cases that ran
+
+
+class Stopped(Exception):
+    """Stands for a run killed mid-way."""
+
+
+def test_cli_leaves_its_json_when_stopped(tmp_path, fast_timing, monkeypatch):
+    from bench import suite
+
+    calls = []
+
+    def fake(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stopped("killed")
+        return {"status": "ok", "ms": 1.0}
+
+    monkeypatch.setattr(suite, "_measure", fake)
+    with pytest.raises(Stopped):
+        main([*TINY, "--cases", "encode", "--providers", "ours,dense", "--results-dir", str(tmp_path)])
+    doc = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert not doc["complete"] and doc["stopped"] == "Stopped: killed"
+    assert [(r["provider"], r["status"]) for r in doc["results"]] == [("ours", "ok")]
+    assert not (tmp_path / "cpu-quick.md").exists()  # the report of a finished run only
+
+
+def test_cli_with_no_budget_left_records_every_case_skipped(tmp_path, fast_timing):
+    assert main([*TINY, "--cases", "encode,step", "--budget-s", "0", "--results-dir", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert doc["complete"] and doc["results"] and doc["ceilings"]["copy"]["gbps"] > 0
+    assert all(r["status"] == "skipped" and r["reason"].startswith(measure.BUDGET) for r in doc["results"])
+    assert "time budget" in (tmp_path / "cpu-quick.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*TINY, "--budget-s", "-1"])
+
+
+def test_tune_skips_configs_past_its_budget_and_saves_after_each(monkeypatch):
+    from bench import tune
+
+    clock = FakeClock()
+    x, W = torch.randn(8, 4), torch.randn(16, 4)
+    monkeypatch.setattr(tune, "make_call", lambda *a: (None, None, (x, W)))
+
+    def fake_try(op, cfg, call, want, n, gemm, device):
+        clock.t += 1.0
+        return {"config": cfg, "agreement": 1.0, "ms": 1.0, "ms_q20": 1.0, "ms_q80": 1.0, "x_gemm": 1.0}
+
+    monkeypatch.setattr(tune, "_try", fake_try)
+    saves = []
+    doc = tune.run("topk_encode", 8, 4, 16, 2, torch.float32, "cpu", candidates=tune.CANDIDATES["topk_encode"][:3],
+                   budget=measure.Budget(1.5, clock=clock), save=lambda d: saves.append(len(d["results"])))  # fmt: skip
+    assert ["ms" in r for r in doc["results"]] == [True, False, False]
+    assert doc["results"][1]["skipped"].startswith(measure.BUDGET) and saves == [1, 2, 3]
+    assert doc["complete"] and doc["budget_s"] == 1.5
+    assert "skipped: time budget" in tune.table(doc)
+
+
+def test_tune_cli_shares_its_budget_between_ops(tmp_path, monkeypatch):
+    """Each op gets an equal share of the time left when it starts; one JSON per op."""
+    from bench import tune
+
+    budgets = {}
+
+    def fake_run(op, *shape, budget, save):
+        budgets[op] = budget.seconds
+        doc = {"op": op, "shape": {}, "gemm": {"ms": 1.0}, "results": [], "complete": True}
+        save(doc)
+        return doc
+
+    monkeypatch.setattr(tune, "run", fake_run)
+    monkeypatch.setattr(tune.backend, "INTERPRET", True)
+    argv = ["--op", "topk_encode,threshold_encode", "--budget-s", "100", "--results-dir", str(tmp_path)]
+    assert tune.main(argv) == 0
+    assert budgets == {"topk_encode": pytest.approx(50, abs=5), "threshold_encode": pytest.approx(100, abs=5)}
+    assert {p.name.split("-")[1] for p in tmp_path.glob("tune-*.json")} == {"topk_encode", "threshold_encode"}
+    with pytest.raises(SystemExit):
+        tune.main(["--op", "topk_encode,nope"])
+
+
+def test_testrun_plugin_skips_past_its_budget_and_writes_json_as_it_goes(tmp_path):
+    """bench.testrun in a pytest subprocess: a test reads the JSON mid-run; one sleeps past the deadline (6 s
+    after the start: room for a slow start on a loaded machine), so the next is skipped."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_inner.py").write_text(
+        "import json, os, time\n"
+        "def test_fail():\n    assert False\n"
+        "def test_json_so_far():\n"
+        "    doc = json.load(open(os.environ['RUN_JSON']))\n"
+        "    assert not doc['complete'] and doc['counts'] == {'failed': 1}\n"
+        "def test_slow(request):\n"
+        "    time.sleep(request.config.pluginmanager.get_plugin('bench-testrun').deadline - time.time() + 0.1)\n"
+        "def test_late():\n    pass\n"
+    )
+    out = tmp_path / "run.json"
+    env = {**os.environ, "RUN_JSON": str(out), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = ["-p", "bench.testrun", "--run-budget-s", "6", "--run-json", str(out), "-p", "no:cacheprovider", "-q"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "test_inner.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    outcomes = {t["id"].split("::")[1]: t["outcome"] for t in doc["tests"]}
+    want = {"test_fail": "failed", "test_json_so_far": "passed", "test_slow": "passed", "test_late": "skipped"}
+    assert outcomes == want
+    assert doc["tests"][-1]["reason"].startswith("time budget of 6 s")
+    assert doc["complete"] and doc["exitstatus"] == 1 and doc["counts"] == {"failed": 1, "passed": 2, "skipped": 1}

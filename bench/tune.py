@@ -3,7 +3,13 @@
 For each candidate launch config of an encoder (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per
 SM) it runs the op at one shape, checks its selection against the memory-bounded PyTorch path, times it
 and prints its time over the cuBLAS GEMM of the same shape. The winners go into kernels/configs/*.json by
-hand. Everything a lease needs is one call: `python -m bench.tune --op topk_encode --results-dir $OUT`.
+hand. Everything a lease needs is one call:
+`python -m bench.tune --op topk_encode,threshold_encode --budget-s 480 --results-dir $OUT`.
+
+The JSON of an op (tune-<op>-<device>.json) is rewritten after every config, so a sweep stopped early leaves
+the configs it timed. Under --budget-s each op gets an equal share of the time left when it starts, and a
+config starts only while more of that share is left than the slowest config so far took (its compile
+included); the others are recorded as skipped.
 
 On a machine without CUDA it runs only with TRITON_INTERPRET=1 (the interpreter, tiny shapes), which is
 how the tests keep it working.
@@ -13,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -26,6 +31,7 @@ import kernels
 from kernels import backend, tuning
 
 from . import measure
+from .report import save_json
 
 
 def _configs(tiles) -> list[dict]:
@@ -110,28 +116,52 @@ def _try(op: str, cfg: dict, call, want, n: int, gemm: dict, device: str) -> dic
     return rec
 
 
-def run(op: str, B: int, d: int, n: int, k: int, dtype: torch.dtype, device: str, candidates=None) -> dict:
-    """Check and time every candidate config of `op`; returns the JSON document."""
+def run(
+    op: str,
+    B: int,
+    d: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: str,
+    candidates=None,
+    budget: measure.Budget | None = None,
+    save=None,
+) -> dict:
+    """Check and time every candidate config of `op`; returns the JSON document.
+
+    budget: configs it does not allow are recorded as {"config", "skipped": reason}; save(doc), when given,
+    is called after every config with the document so far ("complete": False)."""
     if candidates is None:
         candidates = INTERPRETER_CANDIDATES if backend.INTERPRET else CANDIDATES[op]
+    budget = budget or measure.Budget(None)
     call, want, (x, W) = make_call(op, B, d, n, k, dtype, device)
-    gemm = measure.gemm_ceiling(x, W, device)
-    validate = kernels.validation_enabled()
-    kernels.set_validation(False)  # timed calls make no host sync
-    try:
-        records = [_try(op, cfg, call, want, n, gemm, device) for cfg in candidates]
-    finally:
-        kernels.set_validation(validate)
-    shape = {"B": B, "d": d, "n": n, "k": k, "dtype": str(dtype).removeprefix("torch.")}
-    return {
+    doc = {
         "op": op,
-        "shape": shape,
+        "shape": {"B": B, "d": d, "n": n, "k": k, "dtype": str(dtype).removeprefix("torch.")},
         "device": measure.device_facts(device),
         "versions": measure.versions(),
         "git": measure.git_commit(),
-        "gemm": gemm,
-        "results": records,
+        "budget_s": budget.seconds,
+        "complete": False,
+        "gemm": measure.gemm_ceiling(x, W, device),
+        "results": [],
     }
+    validate = kernels.validation_enabled()
+    kernels.set_validation(False)  # timed calls make no host sync
+    try:
+        for cfg in candidates:
+            if budget.allows():
+                with budget.case():
+                    doc["results"].append(_try(op, cfg, call, want, n, doc["gemm"], device))
+            else:
+                doc["results"].append({"config": cfg, "skipped": budget.why_not()})
+            if save:
+                save(doc)
+    finally:
+        kernels.set_validation(validate)
+    doc["complete"] = True
+    return doc
 
 
 def table(doc: dict) -> str:
@@ -142,20 +172,31 @@ def table(doc: dict) -> str:
         name = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
         if "ms" in r:
             lines.append(f"{name} | {r['ms']:.3f} | {r['x_gemm']:.2f} | {r['agreement']:.4f}")
+        elif "skipped" in r:
+            lines.append(f"{name} | skipped: {r['skipped']}")
         else:
             lines.append(f"{name} | failed: {r['error']}")
     return "\n".join(lines)
 
 
+def _ops(text: str) -> list[str]:
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in CANDIDATES]
+    if unknown or not ops:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(CANDIDATES)}")
+    return ops
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", choices=sorted(CANDIDATES), default="topk_encode")
+    ap.add_argument("--op", type=_ops, default=["topk_encode"], help=f"comma-separated, of: {', '.join(CANDIDATES)}")
     ap.add_argument("--B", type=int, default=8192)
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--results-dir", type=Path, help="default: $RESULTS_DIR or bench/results")
+    ap.add_argument("--budget-s", type=measure.budget_seconds, help="wall-clock budget of the sweep (default: none)")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
         device = "cuda"
@@ -164,14 +205,18 @@ def main(argv=None) -> int:
     else:
         print("bench.tune times Triton kernels: it needs CUDA (or TRITON_INTERPRET=1 for a smoke run)")
         return 2
-    doc = run(args.op, args.B, args.d, args.n, args.k, getattr(torch, args.dtype), device)
-    print(table(doc))
     out = args.results_dir or Path(os.environ.get("RESULTS_DIR") or Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", doc["device"].get("name", device))  # plain names travel back
-    path = out / f"tune-{doc['op']}-{name}.json"
-    path.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {path}")
+    total = measure.Budget(args.budget_s)
+    for i, op in enumerate(args.op):
+        share = None if args.budget_s is None else max(0.0, total.left()) / (len(args.op) - i)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", measure.device_facts(device).get("name", device))  # plain names
+        path = out / f"tune-{op}-{name}.json"
+        print(f"{op}: writing {path} after every config" + (f", {share:.0f} s budget" if share is not None else ""))
+        doc = run(op, args.B, args.d, args.n, args.k, getattr(torch, args.dtype), device,
+                  budget=measure.Budget(share), save=lambda doc, path=path: save_json(doc, path))  # fmt: skip
+        print(table(doc))
+        save_json(doc, path)
+        print(f"wrote {path}")
     return 0
 
 
