@@ -14,4 +14,5 @@ Where things are:
   measure.py              timing, memory, ceilings, device facts; report.py: table, JSON, Markdown, plots
   largest.py              the largest n that trains (CUDA); tune.py: the GPU tile sweep (`make gpu-tune`)
   callgrind.py            one call of each C++ CPU kernel, for callgrind instruction counts
+  testrun.py              pytest plugin for time-limited runs (`make gpu-test`): budget, JSON as it goes
 """
