@@ -59,6 +59,13 @@ def firing_histogram(
     return hist, torch.linspace(low, 0.0, bins + 1)
 
 
+def c_dec_latents(n: int, max_latents: int, seed: int = 0) -> torch.Tensor:
+    """The latent ids [min(n, max_latents)] on which c_dec estimates its mean: all n, or a seeded random subset."""
+    if n <= max_latents:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_latents]
+
+
 def c_dec(W_dec: torch.Tensor, *, block: int = 4096, max_latents: int | None = None, seed: int = 0) -> float:
     """Mean over pairs i < j of |cos(W_dec,i, W_dec,j)| ("Sparse but Wrong"), in blocks of `block` latents.
 
@@ -66,8 +73,7 @@ def c_dec(W_dec: torch.Tensor, *, block: int = 4096, max_latents: int | None = N
     """
     W = W_dec.detach().float()
     if max_latents is not None and W.shape[0] > max_latents:
-        g = torch.Generator().manual_seed(seed)
-        W = W[torch.randperm(W.shape[0], generator=g)[:max_latents].to(W.device)]
+        W = W[c_dec_latents(W.shape[0], max_latents, seed).to(W.device)]
     n = W.shape[0]
     if n < 2:
         raise ValueError(f"c_dec needs at least 2 decoder rows, got {n}")

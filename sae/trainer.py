@@ -28,6 +28,7 @@ from .data import Source, split_pairs
 from .formats import save
 
 SPARSITY_COEFFS = ("l1_coeff", "l0_coeff")  # scheduled by the sparsity warmup (and p-annealing)
+C_DEC_LATENTS = 8192  # evaluate: c_dec on at most this many latents (a seeded subset)
 
 
 def _opt(default, help: str):
@@ -297,10 +298,14 @@ class Trainer:
         x, y = self._split(self.eval_data().to(self.device, model.dtype))
         out = metrics.evaluate(model, x, target=y)
         out["dead_fraction_train"] = self.dead_fraction()
-        out["c_dec"] = metrics.c_dec(model.W_dec, max_latents=8192)
+        out["c_dec"] = metrics.c_dec(self._decoder_rows(metrics.c_dec_latents(model.d_sae, C_DEC_LATENTS)))
         if self.eval_fn is not None:
             out.update(self.eval_fn(model))
         return out
+
+    def _decoder_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W_dec[ids] [len(ids), d_out]."""
+        return self.model.W_dec.detach()[ids.to(self.device)]
 
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for dead_tokens tokens (or since the start, when fewer)."""

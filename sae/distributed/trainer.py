@@ -27,7 +27,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .. import metrics
 from ..data import Source
 from ..formats import save
 from ..trainer import TrainConfig, Trainer
@@ -36,7 +35,6 @@ from .mesh import DP, SHARD
 from .model import ShardedSAE, gather_model
 
 BUCKET_BYTES = 1 << 20  # gradients at least this large are averaged as soon as backward has them
-C_DEC_LATENTS = 8192  # as Trainer.evaluate: c_dec on this many latents
 
 
 def _lost_peer(e: BaseException) -> bool:
@@ -147,20 +145,6 @@ class DistributedTrainer(Trainer):
         mine = (ids >= rows.start) & (ids < rows.stop)
         out[mine] = W[ids[mine] - rows.start]
         comm.all_reduce(out, self.shard_group)
-        return out
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """As Trainer.evaluate (every rank evaluates the same set; metrics over all latents)."""
-        model = self.model.eval()
-        x, y = self._split(self.eval_data().to(self.device, model.dtype))
-        out = metrics.evaluate(model, x, target=y)
-        out["dead_fraction_train"] = self.dead_fraction()
-        n = model.d_sae  # c_dec on the latents metrics.c_dec samples, in its order
-        ids = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if n > C_DEC_LATENTS else torch.arange(n)
-        out["c_dec"] = metrics.c_dec(self._decoder_rows(ids[:C_DEC_LATENTS]))
-        if self.eval_fn is not None:
-            out.update(self.eval_fn(model))
         return out
 
     def _progress(self, rec: dict) -> None:
