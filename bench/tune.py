@@ -7,9 +7,9 @@ hand. Everything a lease needs is one call:
 `python -m bench.tune --op topk_encode,threshold_encode --budget-s 480 --results-dir $OUT`.
 
 The JSON of an op (tune-<op>-<device>.json) is rewritten after every config, so a sweep stopped early leaves
-the configs it timed. Under --budget-s each op gets an equal share of the time left when it starts, and a
-config starts only while more of that share is left than the slowest config so far took (its compile
-included); the others are recorded as skipped.
+the configs it timed. Under --budget-s each op gets a share of the time left when it starts, in proportion
+to its number of candidates, and a config starts only while more of that share is left than the slowest
+config so far took (its compile included); the others are recorded as skipped.
 
 On a machine without CUDA it runs only with TRITON_INTERPRET=1 (the interpreter, tiny shapes), which is
 how the tests keep it working.
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     out = args.results_dir or Path(os.environ.get("RESULTS_DIR") or Path(__file__).parent / "results")
     total = measure.Budget(args.budget_s)
     for i, op in enumerate(args.op):
-        share = None if args.budget_s is None else max(0.0, total.left()) / (len(args.op) - i)
+        configs_left = sum(len(CANDIDATES[o]) for o in args.op[i:])
+        share = None if args.budget_s is None else max(0.0, total.left()) * len(CANDIDATES[op]) / configs_left
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", measure.device_facts(device).get("name", device))  # plain names
         path = out / f"tune-{op}-{name}.json"
         print(f"{op}: writing {path} after every config" + (f", {share:.0f} s budget" if share is not None else ""))
