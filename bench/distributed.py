@@ -21,8 +21,10 @@ Results: distributed-<device>.json and .md in --results-dir (default $RESULTS_DI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -197,6 +199,44 @@ def rank_program(shape, steps: int, out: Path) -> None:
     close()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; [] elsewhere)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [pid]
+    while todo:
+        kids = [c for c, p in parent.items() if p == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
+
+
+def run_ranks(ranks: int, args: list[str], *, timeout: float, env: dict | None = None, capture: bool = False):
+    """`torchrun --standalone --nproc-per-node ranks args` -> subprocess.CompletedProcess (stdout and stderr
+    together when `capture`). Past `timeout` seconds every process it started is killed and TimeoutExpired
+    raised (with the output so far): torchrun starts each rank in a session of its own, so killing its
+    process group would leave the ranks running, holding the output pipe open."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if capture else None, text=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGSTOP)  # torchrun starts no rank while its tree is read
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
 def measure(ranks: int, shape, steps: int) -> dict:
     """One process (one thread), then `ranks` ranks (torchrun --standalone) of rank_program."""
     B, d, n, k = shape
@@ -209,10 +249,9 @@ def measure(ranks: int, shape, steps: int) -> dict:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m",
-               "bench.distributed", "--rank-program", "--shape", ",".join(map(str, shape)), "--steps", str(steps),
-               "--out", str(out)]  # fmt: skip
-        subprocess.run(cmd, check=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        args = ["-m", "bench.distributed", "--rank-program", "--shape", ",".join(map(str, shape)),
+                "--steps", str(steps), "--out", str(out)]  # fmt: skip
+        run_ranks(ranks, args, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"}).check_returncode()
         ranks_rec = json.loads(out.read_text())
     med = lambda xs: statistics.median(xs) * 1e3
     one, local, sharded = med(one_s), med(ranks_rec["local_s"]), med(ranks_rec["sharded_s"])

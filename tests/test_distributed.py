@@ -13,13 +13,12 @@ Tolerances:
 Every launch has a timeout and kills its process group on expiry; torchrun --standalone picks a free port.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 import sae
+from bench.distributed import run_ranks
 from sae import base
 from sae.__main__ import main
 from sae.data import BatchPart, TensorSource
@@ -43,20 +43,15 @@ FLAGS = [  # a small TopK run; AuxK off, so that any split of the batch over dat
 
 
 def launch(ranks: int, *args: str, timeout: float = 240) -> tuple[int, str, float]:
-    """torchrun --standalone with `ranks` ranks of `args` -> (exit code, output, seconds); kills every rank after
-    `timeout` seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+    """torchrun --standalone with `ranks` ranks of `args` -> (exit code, output, seconds); kills every process of
+    the run after `timeout` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(args)} on {ranks} ranks did not end within {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, out, time.perf_counter() - start
+        done = run_ranks(ranks, list(args), timeout=timeout, env=env, capture=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(args)} on {ranks} ranks did not end within {timeout} s:\n{(e.output or '')[-4000:]}")
+    return done.returncode, done.stdout, time.perf_counter() - start
 
 
 def checks(ranks: int, spec: str) -> list[dict]:
@@ -160,6 +155,22 @@ def test_four_ranks_exact_and_data_parallel_steps():
     results = {r["check"]: r for r in checks(4, "exact64:4:2,exact32:4:2,steps:2,live:2")}
     assert results["steps S=2 dp=2"]["worst_rel_err"] <= STEPS_TOLERANCE
     assert results["live S=2 dp=2"]["batches"]
+
+
+def test_a_hanging_run_is_killed_whole(tmp_path):
+    """Past its timeout every process of a run is killed: torchrun runs each rank in a session of its own, where
+    killing torchrun's process group would not reach it (and the rank would hold the output pipe open)."""
+    script = tmp_path / "hang.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    start = time.perf_counter()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_ranks(2, [str(script)], timeout=20, capture=True)
+    assert time.perf_counter() - start < 60
+    cmdlines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmdlines.append(path.read_bytes())
+    assert not [c for c in cmdlines if str(script).encode() in c]
 
 
 @pytest.fixture(scope="module")
