@@ -11,12 +11,17 @@ i_{t-1} < m <= i_t (prefix_losses). Never one decode per prefix.
 prefix_norms (a custom op on tensors) computes E; its launchers are prefix_norms_triton / _torch (torch_ops),
 and prefix_errors / prefix_losses are the public ops on SparseCodes.
 
-Kernel: a program per (row, tile of d) walks the slots once, keeping its tile of r in registers and
-writing the partial squared norms [B, tiles, K + 1] (summed over tiles afterwards: deterministic).
-Backward, with G = dL/dE and S_j = sum_{t > j} G_t r_t:
+Kernel: a one-warp program per (row, split of d) walks its tiles of d; per tile it gathers all the row's
+slots at once as one [SLOTS, BLOCK_D] tile (SLOTS = next_pow2(K); no per-slot round trip) and takes
+u_j = v_j W[i_j], r_{j+1} = r0 - C_{j+1} with C_{j+1} = sum_{l <= j} u_l one tl.cumsum along the slots.
+The squared norms accumulate over its tiles in registers; partial sums [B, splits, K + 1] are added up
+afterwards (a fixed order: deterministic). Backward, with G = dL/dE and S_j = sum_{t > j} G_t r_t:
     dv_j = -2 W[i_j] . S_j,   dr0 = 2 sum_t G_t r_t,   dW[i_j] += -2 v_j S_j
-walked from the last slot down (r_{t-1} = r_t + v_{t-1} W[i_{t-1}]). dW goes through the deterministic
-row scatter with the S_j rows as its inputs, in row chunks of bounded size.
+on the same tile: S is a reverse tl.cumsum of G_{j+1} r_{j+1}, one gather of W per tile. K > SLOTS_MAX runs
+in chunks of slots (the forward carries r between chunks; the backward walks them from the last, carrying
+S, each chunk's r0 from a forward pass over the earlier ones). dW goes through the deterministic row
+scatter with the S_j rows as its inputs, in row chunks of bounded size; on Triton each row chunk adds to
+the rows of dW it names in place (kernels/scatter.py, `into`), the others untouched.
 """
 
 from __future__ import annotations
@@ -25,14 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_ops, validate
+from . import torch_ops, tuning, validate
 from .backend import resolve
 from .code import SparseCode
-from .scatter import scatter_rows
+from .scatter import scatter_rows, scatter_rows_triton
 
 BUDGET = 1 << 24  # elements of the backward's [rows, K, d] temporary S
-CUDA_BUDGET = 1 << 28  # 1 GiB of fp32 S on a GPU: at B = 8192, k = 64, d = 4096, 8 row chunks instead of 130
-BLOCK_D = 128
+CUDA_BUDGET = 1 << 28  # 1 GiB of fp32 S on a GPU: at B = 8192, k = 64, d = 4096, 8 row chunks
 
 
 @triton.jit
@@ -41,7 +45,8 @@ def _prefix_fwd_kernel(
     idx_ptr,  # [B, K] int32
     w_ptr,  # [n, d]
     r0_ptr,  # [B, d]
-    out_ptr,  # [B, T, K + 1] fp32: partial ||r_t||^2 of tile T
+    out_ptr,  # [B, SPLITS, K + 1] fp32: partial ||r_t||^2 of split s
+    rest_ptr,  # [B, d] fp32 out: r_K (when WRITE_REST)
     K,
     D,
     stride_v,
@@ -49,22 +54,34 @@ def _prefix_fwd_kernel(
     stride_w,
     stride_r,
     stride_ob,
-    stride_ot,
+    stride_os,
+    stride_rest,
+    WRITE_REST: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < D
-    r = tl.load(r0_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    out = out_ptr + row * stride_ob + tile * stride_ot
-    for t in range(0, K):
-        tl.store(out + t, tl.sum(r * r, axis=0))
-        v = tl.load(val_ptr + row * stride_v + t).to(tl.float32)
-        i = tl.load(idx_ptr + row * stride_i + t).to(tl.int64)
-        w = tl.load(w_ptr + i * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
-        r -= v * w
-    tl.store(out + K, tl.sum(r * r, axis=0))
+    split = tl.program_id(1)
+    slots = tl.arange(0, SLOTS)
+    live = slots < K
+    v = tl.load(val_ptr + row * stride_v + slots, live, 0.0).to(tl.float32)
+    i = tl.load(idx_ptr + row * stride_i + slots, live, 0).to(tl.int64)
+    e = tl.zeros([SLOTS], dtype=tl.float32)
+    e0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(split * BLOCK_D, D, tl.num_programs(1) * BLOCK_D):  # this split's tiles of d
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        r0 = tl.load(r0_ptr + row * stride_r + cols, col_mask, 0.0).to(tl.float32)
+        w = tl.load(w_ptr + i[:, None] * stride_w + cols[None, :], live[:, None] & col_mask[None, :], 0.0)
+        u = v[:, None] * w.to(tl.float32)  # u_j = v_j W[i_j]
+        r = r0[None, :] - tl.cumsum(u, axis=0)  # r_{j+1}
+        e += tl.sum(r * r, axis=1)
+        e0 += r0 * r0
+        if WRITE_REST:
+            tl.store(rest_ptr + row * stride_rest + cols, r0 - tl.sum(u, axis=0), col_mask)
+    out = out_ptr + row * stride_ob + split * stride_os
+    tl.store(out, tl.sum(e0, axis=0))
+    tl.store(out + 1 + slots, e, live)
 
 
 @triton.jit
@@ -74,9 +91,10 @@ def _prefix_bwd_kernel(
     w_ptr,  # [n, d]
     r0_ptr,  # [B, d]
     g_ptr,  # [B, K + 1] fp32: dL/dE
-    dv_ptr,  # [B, T, K] fp32 out: partial dv of tile T
+    after_ptr,  # [B, d] fp32: S of the slots after these (when HAS_AFTER)
+    dv_ptr,  # [B, SPLITS, K] fp32 out: partial dv of split s
     dr0_ptr,  # [B, d] out
-    s_ptr,  # [B, K, d] fp32 out: S_j (when WRITE_S)
+    s_ptr,  # [B, K, d] fp32 out, row stride stride_s: S_j (when WRITE_S)
     K,
     D,
     stride_v,
@@ -84,64 +102,122 @@ def _prefix_bwd_kernel(
     stride_w,
     stride_r,
     stride_g,
+    stride_a,
     stride_db,
-    stride_dt,
+    stride_ds,
     stride_dr,
+    stride_s,
+    HAS_AFTER: tl.constexpr,
     WRITE_S: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < D
-    r = tl.load(r0_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    for t in range(0, K):  # r_K
-        v = tl.load(val_ptr + row * stride_v + t).to(tl.float32)
-        i = tl.load(idx_ptr + row * stride_i + t).to(tl.int64)
-        r -= v * tl.load(w_ptr + i * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for step in range(0, K):
-        j = K - 1 - step
-        s += tl.load(g_ptr + row * stride_g + j + 1) * r  # S_j = sum_{t > j} G_t r_t
-        v = tl.load(val_ptr + row * stride_v + j).to(tl.float32)
-        i = tl.load(idx_ptr + row * stride_i + j).to(tl.int64)
-        w = tl.load(w_ptr + i * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dv_ptr + row * stride_db + tile * stride_dt + j, -2.0 * tl.sum(w * s, axis=0))
+    split = tl.program_id(1)
+    slots = tl.arange(0, SLOTS)
+    live = slots < K
+    v = tl.load(val_ptr + row * stride_v + slots, live, 0.0).to(tl.float32)
+    i = tl.load(idx_ptr + row * stride_i + slots, live, 0).to(tl.int64)
+    g = tl.load(g_ptr + row * stride_g + 1 + slots, live, 0.0)  # G_{j+1}
+    g0 = tl.load(g_ptr + row * stride_g)
+    dv = tl.zeros([SLOTS], dtype=tl.float32)
+    for d0 in range(split * BLOCK_D, D, tl.num_programs(1) * BLOCK_D):  # this split's tiles of d
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        r0 = tl.load(r0_ptr + row * stride_r + cols, col_mask, 0.0).to(tl.float32)
+        w = tl.load(w_ptr + i[:, None] * stride_w + cols[None, :], live[:, None] & col_mask[None, :], 0.0)
+        w = w.to(tl.float32)
+        r = r0[None, :] - tl.cumsum(v[:, None] * w, axis=0)  # r_{j+1}
+        gr = g[:, None] * r  # G_{j+1} r_{j+1}
+        s = tl.cumsum(gr, axis=0, reverse=True)  # S_j = sum_{t > j} G_t r_t
+        tail = tl.sum(gr, axis=0)  # S_{-1}: every G_t r_t with t >= 1
+        if HAS_AFTER:
+            after = tl.load(after_ptr + row * stride_a + cols, col_mask, 0.0)
+            s += after[None, :]
+            tail += after
+        dv += tl.sum(w * s, axis=1)
         if WRITE_S:
-            tl.store(s_ptr + (row * K + j) * D + cols, s, mask=mask)
-        r += v * w
-    s += tl.load(g_ptr + row * stride_g) * r
-    tl.store(dr0_ptr + row * stride_dr + cols, (2.0 * s).to(dr0_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + row * stride_s + slots[:, None] * D + cols[None, :], s, live[:, None] & col_mask[None, :])
+        dr0 = 2.0 * (g0 * r0 + tail)
+        tl.store(dr0_ptr + row * stride_dr + cols, dr0.to(dr0_ptr.dtype.element_ty), col_mask)
+    tl.store(dv_ptr + row * stride_db + split * stride_ds + slots, -2.0 * dv, live)
+
+
+def _launch(B: int, K: int, D: int, W, kernel: str) -> tuple[int, tuple, dict]:
+    """(chunk, grid, options) of the kernel "fwd" / "bwd": SLOTS = next_pow2(K) up to SLOTS_MAX (larger K runs
+    in chunks of slots), a [SLOTS, BLOCK_D] tile of <kernel>_ELEMS elements per warp (BLOCK_D at least MIN_D,
+    up to MAX_WARPS warps), enough splits of d for `programs` programs."""
+    cfg = tuning.config("prefix_norms", BYTES=W.element_size())
+    elems = cfg[f"{kernel.upper()}_ELEMS"]
+    chunk = min(max(K, 1), cfg["SLOTS_MAX"])
+    slots = triton.next_power_of_2(chunk)
+    block_d = max(cfg["MIN_D"], min(elems // slots, triton.next_power_of_2(D)))
+    warps = min(cfg["MAX_WARPS"], max(1, slots * block_d // elems))
+    splits = max(1, min(triton.cdiv(D, block_d), triton.cdiv(cfg["programs"], max(B, 1))))
+    return chunk, (B, splits), {"SLOTS": slots, "BLOCK_D": block_d, "num_warps": warps, "num_stages": 1}
+
+
+def _fwd(values, indices, W, r0, opts, grid, write_rest: bool):
+    """(E [B, K + 1] fp32, r_K [B, d] fp32 or None) of one chunk of slots."""
+    B, K = values.shape
+    D = r0.shape[1]
+    part = torch.empty(B, grid[1], K + 1, device=r0.device, dtype=torch.float32)
+    rest = torch.empty(B, D, device=r0.device, dtype=torch.float32) if write_rest else part
+    _prefix_fwd_kernel[grid](
+        values, indices, W, r0, part, rest, K, D, values.stride(0), indices.stride(0), W.stride(0), r0.stride(0),
+        part.stride(0), part.stride(1), rest.stride(0), WRITE_REST=write_rest, **opts,
+    )  # fmt: skip
+    return part.sum(1), rest if write_rest else None
 
 
 def prefix_norms_triton(values, indices, W, r0):
-    """E [B, K + 1] fp32 (see the module docstring)."""
+    """E [B, K + 1] fp32 (see the module docstring); K > SLOTS_MAX in chunks of slots, r carried."""
     B, K = values.shape
-    D = r0.shape[1]
-    T = triton.cdiv(D, BLOCK_D)
-    part = torch.empty(B, T, K + 1, device=r0.device, dtype=torch.float32)
-    _prefix_fwd_kernel[(B, T)](
-        values, indices, W, r0, part, K, D, values.stride(0), indices.stride(0), W.stride(0), r0.stride(0),
-        part.stride(0), part.stride(1), BLOCK_D=BLOCK_D, num_warps=4,
-    )  # fmt: skip
-    return part.sum(1)
+    chunk, grid, opts = _launch(B, K, r0.shape[1], W, "fwd")
+    parts = []
+    for a in range(0, max(K, 1), chunk):
+        b = min(K, a + chunk)
+        E, r0 = _fwd(values[:, a:b], indices[:, a:b], W, r0, opts, grid, b < K)
+        parts.append(E if a == 0 else E[:, 1:])  # E[:, 0] of a later chunk is the last one's E[:, -1]
+    return torch.cat(parts, 1)
 
 
 def prefix_norms_backward_triton(values, indices, W, r0, grad, write_s: bool):
-    """-> (dv [B, K] fp32, dr0 [B, d] r0.dtype, S [B, K, d] fp32 or None)."""
+    """-> (dv [B, K] fp32, dr0 [B, d] r0.dtype, S [B, K, d] fp32 or None). K > SLOTS_MAX in chunks of slots,
+    the last first: each chunk's r0 from a forward pass over the earlier ones, S of the later ones carried."""
     B, K = values.shape
     D = r0.shape[1]
-    T = triton.cdiv(D, BLOCK_D)
-    dv = torch.empty(B, T, K, device=r0.device, dtype=torch.float32)
-    dr0 = torch.empty_like(r0)
-    s = torch.empty(B, K, D, device=r0.device, dtype=torch.float32) if write_s else dv
+    chunk, grid, opts = _launch(B, K, D, W, "bwd")
+    starts = list(range(0, max(K, 1), chunk))
+    r0s = [r0]
+    if len(starts) > 1:
+        _, fwd_grid, fwd_opts = _launch(B, K, D, W, "fwd")
+        for a in starts[:-1]:
+            r0s.append(
+                _fwd(values[:, a : a + chunk], indices[:, a : a + chunk], W, r0s[-1], fwd_opts, fwd_grid, True)[1]
+            )
     grad = grad.float().contiguous()
-    _prefix_bwd_kernel[(B, T)](
-        values, indices, W, r0, grad, dv, dr0, s, K, D, values.stride(0), indices.stride(0), W.stride(0),
-        r0.stride(0), grad.stride(0), dv.stride(0), dv.stride(1), dr0.stride(0),
-        WRITE_S=write_s, BLOCK_D=BLOCK_D, num_warps=4,
-    )  # fmt: skip
-    return dv.sum(1), dr0, s if write_s else None
+    s = torch.empty(B, K, D, device=r0.device, dtype=torch.float32) if write_s else None
+    dvs, after = [], None
+    for a, r0_c in zip(reversed(starts), reversed(r0s)):
+        b = min(K, a + chunk)
+        g = grad[:, a : b + 1]
+        if a > 0:
+            g = g.clone()
+            g[:, 0] = 0  # E[:, a] is the earlier chunk's last error
+        dv = torch.empty(B, grid[1], b - a, device=r0.device, dtype=torch.float32)
+        dr0 = torch.empty(B, D, device=r0.device, dtype=r0.dtype if a == 0 else torch.float32)
+        s_c = s[:, a:b] if write_s else dv
+        _prefix_bwd_kernel[grid](
+            values[:, a:b], indices[:, a:b], W, r0_c, g, after if after is not None else dr0, dv, dr0, s_c, b - a, D,
+            values.stride(0), indices.stride(0), W.stride(0), r0_c.stride(0), g.stride(0),
+            after.stride(0) if after is not None else 0, dv.stride(0), dv.stride(1), dr0.stride(0), s_c.stride(0),
+            HAS_AFTER=after is not None, WRITE_S=write_s, **opts,
+        )  # fmt: skip
+        dvs.append(dv.sum(1))
+        if a > 0:
+            after = dr0 / 2  # S of the slots from a on (this chunk's G_0 is 0): the earlier chunk's carry
+    return torch.cat(dvs[::-1], 1), dr0, s
 
 
 def prefix_norms_cpp(values, indices, W, r0):
@@ -180,12 +256,12 @@ def prefix_norms_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dv [B, K] values.dtype, dr0 [B, d], dW [n, d] W.dtype, or [0, d] when not want_W)."""
     values, indices, W, r0 = (validate.row_major(t) for t in (values, indices, W, r0))
+    backend = resolve(W)
     backends = {"triton": prefix_norms_backward_triton, "cpp": prefix_norms_backward_cpp}
-    run = backends.get(resolve(W), torch_ops.prefix_norms_backward_torch)
+    run = backends.get(backend, torch_ops.prefix_norms_backward_torch)
     B, K = values.shape
     n, D = W.shape
-    budget = CUDA_BUDGET if W.is_cuda else BUDGET  # few chunks: each adds a whole [n, d] dW
-    step = max(1, budget // max(1, (K + 1) * D))
+    step = max(1, (CUDA_BUDGET if W.is_cuda else BUDGET) // max(1, (K + 1) * D))
     dvs, dr0s, dW = [], [], None
     for a in range(0, B, step):  # row chunks bound the [rows, K, d] S temporary
         part = slice(a, a + step)
@@ -194,8 +270,13 @@ def prefix_norms_backward(
         dr0s.append(dr0)
         if want_W:
             coef = (-2 * values[part].float()).reshape(-1, 1)
-            dW_part, _ = scatter_rows(coef, indices[part].reshape(-1, 1), s.reshape(-1, D), n, False, torch.float32)
-            dW = dW_part if dW is None else dW.add_(dW_part)
+            ids, s = indices[part].reshape(-1, 1), s.reshape(-1, D)
+            if backend == "triton":  # a later chunk adds to the rows it names in place, in fp32 if there are several
+                dW_dtype = W.dtype if step >= B else torch.float32
+                dW, _ = scatter_rows_triton(coef, ids, s, n, False, dW_dtype, into=dW)
+            else:
+                dW_part, _ = scatter_rows(coef, ids, s, n, False, torch.float32)
+                dW = dW_part if dW is None else dW.add_(dW_part)
     dv = torch.cat(dvs) if dvs else values.new_zeros(0, K, dtype=torch.float32)
     dr0 = torch.cat(dr0s) if dr0s else r0.new_zeros(0, D)
     if dW is None:

@@ -121,6 +121,29 @@ def launches():
             name,
             lambda a=(vals, idx, W, X, grad, True): prefix.prefix_norms_backward_triton(*a),
         )
+    # prefix losses at a BatchTopK capacity (K = 4 k), and the prefix dW's scatter of one CUDA row chunk's S rows
+    # (1024 rows x k slots, fp32) added into an fp32 dW in place
+    vals, idx, W, X = (
+        m(B, 4 * k, dt=torch.bfloat16),
+        m(B, 4 * k, dt=i32),
+        m(n, d, dt=torch.bfloat16),
+        m(B, d, dt=torch.bfloat16),
+    )
+    grad = m(B, 4 * k + 1, dt=torch.float32)
+    yield f"prefix_norms bf16 K={4 * k}", "bf16", lambda: prefix.prefix_norms_triton(vals, idx, W, X)
+    yield (
+        f"prefix_norms_backward bf16 K={4 * k}",
+        "bf16",
+        lambda: prefix.prefix_norms_backward_triton(vals, idx, W, X, grad, True),
+    )
+    f32, P = torch.float32, 1024 * k
+    yield (
+        "scatter_rows fp32 into",
+        "fp32-tf32",
+        lambda: scatter.scatter_rows_triton(
+            m(P, 1, dt=f32), m(P, 1, dt=i32), m(P, d, dt=f32), n, False, f32, into=m(n, d, dt=f32)
+        ),
+    )
 
 
 def capture(label: str, precision: str, thunk) -> dict:

@@ -8,25 +8,26 @@ from conftest import BACKENDS, DEVICE
 from helpers import assert_close
 
 import kernels
-from kernels import SparseCode
+from kernels import SparseCode, backend, tuning
 from kernels import reference as R
 
-CASES = [(1, 8, 5, 1), (7, 24, 33, 4), (5, 130, 20, 20)]  # B, d, n, K
+# B, d, n, K; the interpreter runs K > 8 in chunks of 8 slots (configs/prefix_norms.json), B = 1 with two chunks
+CASES = [(1, 8, 5, 1), (7, 24, 33, 4), (5, 130, 20, 20), (1, 9, 30, 12)]
 
 
-def random_code(B, n, K, dtype):
-    """Distinct ids per row in random slot order, some values zero (empty slots)."""
+def random_code(B, n, K, dtype, repeats=False):
+    """Distinct ids per row in random slot order (repeats: the first id again in slot 1), some values zero."""
     indices = torch.stack([torch.randperm(n)[:K] for _ in range(B)]).to(torch.int32)
+    if repeats:
+        indices[:, 1] = indices[:, 0]
     values = torch.randn(B, K).abs() * (torch.rand(B, K) > 0.2)
     return SparseCode(values.to(DEVICE, dtype), indices.to(DEVICE))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-d{}-n{}-K{}".format(*c))
-def test_prefix_errors_and_grads(case, dtype, backend):
+def check_prefix(case, dtype, backend, repeats=False):
+    """E and its gradients against the float64 reference -> (E, grad values, grad W, grad r0)."""
     B, d, n, K = case
-    code = random_code(B, n, K, dtype)
+    code = random_code(B, n, K, dtype, repeats)
     W = torch.randn(n, d, device=DEVICE, dtype=dtype).requires_grad_()
     r0 = torch.randn(B, d, device=DEVICE, dtype=dtype).requires_grad_()
     values = code.values.clone().requires_grad_()
@@ -42,6 +43,32 @@ def test_prefix_errors_and_grads(case, dtype, backend):
     ref.backward(g.double())
     for name, t, r in zip(("values", "W", "r0"), (values, W, r0), ref_in):
         assert_close(t.grad, r.grad, dtype, f"grad {name}")
+    return E, values.grad, W.grad, r0.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-d{}-n{}-K{}".format(*c))
+def test_prefix_errors_and_grads(case, dtype, backend):
+    check_prefix(case, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_repeated_ids_deterministic(backend):
+    """A latent twice in a row (two slots of one bucket from one row); a second run gives the same bits."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(check_prefix((5, 40, 20, 12), torch.float32, backend, repeats=True))
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "bitwise reproducible"
+
+
+@pytest.mark.skipif(not backend.INTERPRET, reason="interpreter only: a GPU runs these configs anyway")
+def test_prefix_gpu_config(monkeypatch):
+    """The GPU config through the interpreter: one [64, 32] tile of slots per step, two splits of d, masked
+    slots and columns."""
+    monkeypatch.setattr(tuning, "_device_key", lambda op: "default")
+    check_prefix((3, 40, 50, 40), torch.float32, "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,7 +77,7 @@ def test_prefix_backward_in_row_chunks(backend, monkeypatch):
     prefix = importlib.import_module("kernels.prefix")
     monkeypatch.setattr(prefix, "BUDGET", 3 * 5 * 24)
     monkeypatch.setattr(prefix, "CUDA_BUDGET", 3 * 5 * 24)
-    test_prefix_errors_and_grads((7, 24, 33, 4), torch.float32, backend)
+    check_prefix((7, 24, 33, 4), torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
