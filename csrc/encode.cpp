@@ -10,6 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace sae_cpp {
 namespace {
@@ -57,6 +60,43 @@ void for_tiles(const at::Tensor& xf, const at::Tensor& W, int64_t splits, int64_
 // The value a candidate must reach to enter a heap whose smallest key is `key` (-1: a free slot).
 float floor_of(int64_t key) { return key < 0 ? -1.0f : key_value(key); }
 
+// The selection pre-checks a tile row PANEL columns at a time with vector compares; only the columns whose bit is
+// set run the scalar per-column code, in increasing column order as before, so the results do not change.
+constexpr int64_t PANEL = 32;  // one bit per column of a uint32_t
+typedef int32_t ivec __attribute__((vector_size(VL * sizeof(int32_t))));  // a vector comparison's result
+
+// Bit l set where lane l of the comparison m is true.
+inline uint32_t lane_bits(const ivec& m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(m), reinterpret_cast<__m512i>(m));
+#elif defined(__AVX__)
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(m));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < VL; ++l) bits |= static_cast<uint32_t>(m[l] & 1) << l;
+  return bits;
+#endif
+}
+
+// The bits of the panel of columns [c, c + width) of a tile row u (u[0] is column c): test(z, col) gets z = u + bias
+// on the VL columns from col and returns their VL bits (lane_bits). A panel narrower than PANEL gets every bit.
+template <typename Test>
+inline uint32_t panel_bits(const float* u, const float* bias, int64_t c, int64_t width, Test&& test) {
+  if (width < PANEL) return (uint32_t{1} << width) - 1;
+  uint32_t bits = 0;
+  for (int64_t v = 0; v < PANEL; v += VL) {
+    vec z;
+    std::memcpy(&z, u + v, sizeof z);
+    if (bias) {
+      vec b;
+      std::memcpy(&b, bias + c + v, sizeof b);
+      z = z + b;
+    }
+    bits |= test(z, c + v) << v;
+  }
+  return bits;
+}
+
 void check_encoder(const at::Tensor& x, const at::Tensor& W) {
   TORCH_CHECK(x.device().is_cpu() && W.device().is_cpu(), "x, W: expected CPU tensors");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x [B, d], W [n, d]: got ", x.sizes(),
@@ -89,14 +129,22 @@ void topk_select(const at::Tensor& x_in, const at::Tensor& W_in, const c10::opti
         int64_t* heap = cand.data() + ((r0 + r) * splits + s) * k;
         const float* z = tile + r * cols;
         float floor_value = floor_of(heap[0]);
-        for (int64_t j = 0; j < cols; ++j) {
-          float f = z[j] + (bias ? bias[c0 + j] : 0.0f);
-          f = f > 0.0f ? f : 0.0f;
-          if (f < floor_value) continue;
-          const int64_t key = pack(f, c0 + j);
-          if (key > heap[0]) {
-            heap_replace_root(heap, k, key);
-            floor_value = floor_of(heap[0]);
+        for (int64_t p = 0; p < cols; p += PANEL) {
+          // A column whose value is at most the floor cannot enter: the heap's columns are lower and win ties.
+          uint32_t bits = panel_bits(z + p, bias, c0 + p, std::min(PANEL, cols - p), [&](const vec& v, int64_t) {
+            const vec f = v > 0.0f ? v : 0.0f;
+            return lane_bits(f > floor_value);
+          });
+          for (; bits; bits &= bits - 1) {
+            const int64_t j = p + __builtin_ctz(bits);
+            float f = z[j] + (bias ? bias[c0 + j] : 0.0f);
+            f = f > 0.0f ? f : 0.0f;
+            if (f < floor_value) continue;
+            const int64_t key = pack(f, c0 + j);
+            if (key > heap[0]) {
+              heap_replace_root(heap, k, key);
+              floor_value = floor_of(heap[0]);
+            }
           }
         }
       }
@@ -164,28 +212,37 @@ void threshold_select(int64_t mode, const at::Tensor& x_in, const at::Tensor& W_
           const int64_t row = r0 + r;
           const float* u = tile + r * cols;
           int32_t c = cnt[row];
-          for (int64_t j = 0; j < cols; ++j) {
-            const int64_t col = c0 + j;
-            const float z = bias ? u[j] + bias[col] : u[j];
-            bool keep;
-            float f, a;
-            if (mode == 0) {
-              keep = z > 0.0f, f = z, a = z;
-            } else if (mode == 1) {
-              const bool active = z > th[col];
-              keep = active || std::fabs(z - th[col]) < band, f = active ? z : 0.0f, a = z;
-            } else {
-              keep = z > 0.0f, a = sc[col] * u[j] + bm[col], f = a > 0.0f ? a : 0.0f;
+          for (int64_t p = 0; p < cols; p += PANEL) {
+            // The keep test of the scalar code below, on VL columns at a time.
+            uint32_t bits = panel_bits(u + p, bias, c0 + p, std::min(PANEL, cols - p), [&](const vec& v, int64_t col) {
+              if (mode != 1) return lane_bits(v > 0.0f);
+              vec t;
+              std::memcpy(&t, th + col, sizeof t);
+              return lane_bits((v > t) | ((v - t < band) & (v - t > -band)));
+            });
+            for (; bits; bits &= bits - 1) {
+              const int64_t j = p + __builtin_ctz(bits), col = c0 + j;
+              const float z = bias ? u[j] + bias[col] : u[j];
+              bool keep;
+              float f, a;
+              if (mode == 0) {
+                keep = z > 0.0f, f = z, a = z;
+              } else if (mode == 1) {
+                const bool active = z > th[col];
+                keep = active || std::fabs(z - th[col]) < band, f = active ? z : 0.0f, a = z;
+              } else {
+                keep = z > 0.0f, a = sc[col] * u[j] + bm[col], f = a > 0.0f ? a : 0.0f;
+              }
+              if (!keep) continue;
+              if (c < C) {
+                const int64_t o = row * C + c;
+                val[o] = static_cast<T>(f);
+                if (gt) gt[o] = static_cast<T>(z);
+                ax[o] = a;
+                idx[o] = static_cast<int32_t>(col);
+              }
+              ++c;
             }
-            if (!keep) continue;
-            if (c < C) {
-              const int64_t o = row * C + c;
-              val[o] = static_cast<T>(f);
-              if (gt) gt[o] = static_cast<T>(z);
-              ax[o] = a;
-              idx[o] = static_cast<int32_t>(col);
-            }
-            ++c;
           }
           cnt[row] = c;
         }

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
-from helpers import assert_close, assert_topk, make_encoder
+from helpers import assert_close, assert_slots, assert_topk, make_encoder
 
 import kernels
 from kernels import backend
@@ -96,6 +96,32 @@ def test_bf16_threshold_against_reference():
         code = kernels.jumprelu_encode(x, W, b, theta, bandwidth=0.05)
     f, _ = R.jumprelu(x.double(), W.double(), b.double(), theta.double(), 0.05)
     assert_close(code.to_dense(n), f, torch.bfloat16, "jumprelu")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_panel_precheck_with_ties(dtype):
+    """The selection skips 32-column panels by a vector pre-check. Integer data, n = 300 (three column splits at
+    B = 70; each split's last panel is partly past n): many entries of a full panel equal a row's TopK floor or a
+    JumpReLU threshold (or its band's edge), and zero rows tie everywhere; both selections are exact."""
+    B, d, n, k = 70, 7, 300, 9
+    x = torch.randint(-1, 2, (B, d)).to(dtype)
+    W = torch.randint(-1, 2, (n, d)).to(dtype)
+    x[[3, 40]] = 0
+    theta = torch.randint(0, 3, (n,)).to(dtype)
+    with kernels.use_backend("cpp"):
+        code = kernels.topk_encode(x, W, None, k)
+        jump = kernels.jumprelu_encode(x, W, None, theta, bandwidth=2.0)
+    z = x.double() @ W.double().T
+    f = torch.relu(z)
+    assert (f == f.sort(1, descending=True).values[:, k - 1 : k]).sum(1).min() > 2  # ties at every row's floor
+    order = f.sort(dim=1, descending=True, stable=True)  # equal values by lower id
+    assert torch.equal(code.indices.long(), order.indices[:, :k])
+    assert torch.equal(code.values.double(), order.values[:, :k])
+    ref_f, ref_l0 = R.jumprelu(x.double(), W.double(), None, theta.double(), 2.0)
+    assert (z - theta.double()).abs().eq(1).sum() > B  # entries on the band's edge (|z - theta| = 1: outside)
+    assert torch.equal(jump.to_dense(n).double(), ref_f) and torch.equal(jump.l0.double(), ref_l0)
+    assert_slots(jump, R.jumprelu_band(x.double(), W.double(), None, theta.double(), 2.0))
 
 
 @needs_cpp
