@@ -7,6 +7,7 @@ Examples:
   python -m bench --cases 'jumprelu_*,forward_*'   # one threshold family, and every class's model(x)
   python -m bench --cases largest_n --device cuda  # the largest n that trains at d = 4096
   python -m bench --device cuda --budget-s 480     # cases that would start after 8 minutes are skipped
+  python -m bench --device cpu --n 24576           # only the CPU target shape: the table of bench/targets.py
 
 The JSON (<results-dir>/<device>-<suite>.json) is rewritten after every case, so a run stopped early leaves its
 results ("complete": false); the Markdown and the plots are written at the end.
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import measure, report
+from . import measure, report, targets
 from .inputs import CHECK_ROWS
 from .ops import LARGEST_N, OPS, providers_named, select_ops
 from .providers_topk import PROVIDERS
-from .shapes import DTYPES, GPU_REFERENCE, family_shapes, suite_shapes
+from .shapes import DTYPES, GPU_REFERENCE, family_shapes, suite_shapes, target_shapes
 from .suite import Run, execute
 
 REPORT_RESERVE_S = 20  # the Markdown and the plots, written after the last case
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     shapes = suite_shapes(args.suite, device, args.dtype, overrides)
     chosen = select_ops(args.cases)
     ops = [op for op in chosen if op in OPS]
-    run = Run(args.suite, device, shapes, ops, [], family_shapes(args.suite, device, shapes), LARGEST_N in chosen)
+    run = Run(args.suite, device, shapes, ops, [], family_shapes(args.suite, device, shapes),
+              target_shapes(args.suite, device, shapes), LARGEST_N in chosen)  # fmt: skip
     run.budget = measure.Budget(args.budget_s, reserve_s=REPORT_RESERVE_S)
     for name in names:
         reason = PROVIDERS[name].unavailable()
@@ -100,6 +102,10 @@ def main(argv=None) -> int:
     if args.suite == "quick" and any(OPS[op].group != "topk" for op in ops):
         labels = ", ".join(s.label() for s in run.family_shapes)
         run.note(f"quick suite: the threshold families (encode, step) and every class's forward at {labels} only")
+    for shape in run.target_shapes:
+        ours = targets.ours(device, [c.name for c in run.providers])
+        run.note(f"{shape.label()} (the CPU target): only what bench/targets.py judges, each class's encode, step "
+                 f"and forward, by {ours} and the targets' baselines (PyTorch-sparse too beside TopK's)")  # fmt: skip
     if any(OPS[op].group != "topk" for op in ops):
         run.note("threshold families: thresholds and biases set so that about k latents fire per row (L0 ~ k)")
     if device == "cpu":

@@ -1,8 +1,12 @@
 """Measuring: device facts, versions, timing, peak memory and energy; a run's time budget.
 
 Timing. CUDA: `triton.testing.do_bench` (it flushes the L2 cache before every run, so inputs never start
-warm in cache; median and 20/80 quantiles). CPU: one warm-up call, then repeated calls until `CPU_BUDGET_S`
-seconds have passed (at least `CPU_MIN_REPS`, at most `CPU_MAX_REPS`); median and 20/80 quantiles.
+warm in cache; median and 20/80 quantiles), one provider after the other. CPU: the providers of a case (and
+the GEMM of its shape) in interleaved rounds, each round calling every one once in turn (`interleaved_ms`):
+at least `CPU_MIN_ROUNDS` rounds, more until `CPU_BUDGET_S` seconds per provider have passed (at most
+`CPU_MAX_REPS`). A ratio is the median of its per-round ratios with their 20/80 quantiles (`ratio_stats`),
+so load from other processes, which comes and goes over seconds, hits both sides of a ratio alike. A single
+function alone (the ceilings): `time_ms`, at least `CPU_MIN_REPS` calls.
 
 Peak memory of a provider on an op, over its setup (e.g. the forward pass a backward needs) and its first
 call (so lazily created state such as Adam's moments counts), with every live tensor counted: the case's
@@ -33,6 +37,7 @@ import torch
 
 CPU_BUDGET_S = 0.5
 CPU_MIN_REPS = 3
+CPU_MIN_ROUNDS = 5
 CPU_MAX_REPS = 25
 ENERGY_WINDOW_S = 0.5
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # the copy ceiling's buffer, far larger than any cache
@@ -58,8 +63,38 @@ def time_ms(fn: Callable[[], object], device: str) -> tuple[float, float, float]
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+    return summary(times)
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """(median, 20% quantile, 80% quantile) of values (at least one)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """CPU: the time in ms of every call of each fn (warm already), in rounds; a round calls each fn once, in
+    the dict's order. At least CPU_MIN_ROUNDS rounds, more while less than CPU_BUDGET_S x len(fns) seconds have
+    passed, at most CPU_MAX_REPS. Returns {name: [ms of round 0, round 1, ...]}."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    more = lambda: rounds < CPU_MAX_REPS and time.perf_counter() - start < CPU_BUDGET_S * len(fns)
+    while rounds < CPU_MIN_ROUNDS or more():
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times
+
+
+def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """(median, q20, q80) of the per-round ratios num[i] / den[i] (times of the same rounds)."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"ratio_stats: {len(num)} and {len(den)} rounds; expected the same number, at least one")
+    return summary([a / b for a, b in zip(num, den, strict=True)])
 
 
 # ---- time budget --------------------------------------------------------------------------------------
@@ -205,20 +240,37 @@ def _query(fn, *args):
         return None
 
 
+CPU_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")  # the vector extensions a CPU result depends on
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in text.split("\n\n", 1)[0].splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in fields}
+
+
+def load_average() -> list[float] | None:
+    """The host's 1, 5 and 15-minute load averages (runnable processes), None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def device_facts(device: str) -> dict:
-    """Facts about the device a run measures: NVML's view of the GPU, or the CPU's core count."""
+    """Facts about the device a run measures: NVML's view of the GPU, or the CPU's model, cores and ISA."""
     if device != "cuda":
-        model = None
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        info = _cpuinfo()
+        cpuid = [info.get(key) for key in ("cpu family", "model", "stepping")]
         return {
             "kind": "cpu",
-            "name": model or platform.processor() or "cpu",
+            "name": info.get("model name") or platform.processor() or "cpu",
+            "family_model_stepping": "/".join(cpuid) if all(cpuid) else None,
+            "isa": [flag for flag in CPU_ISA if flag in info.get("flags", "").split()],
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "memory_bytes": MemoryProbe("cpu").available_bytes(),
@@ -313,12 +365,22 @@ def copy_ceiling(device: str) -> dict:
     return {"bytes": nbytes, "ms": ms, "ms_q20": q20, "ms_q80": q80, "gbps": 2 * nbytes / ms / 1e6}
 
 
+def gemm_call(x: torch.Tensor, W: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The encoder's GEMM x [B, d] @ W^T [d, n] -> [B, n], without autograd: the one product an SAE cannot
+    avoid (cuBLAS on CUDA, the BLAS of torch on the CPU)."""
+
+    def gemm():
+        with torch.no_grad():
+            return x @ W.T
+
+    return gemm
+
+
 def gemm_ceiling(x: torch.Tensor, W: torch.Tensor, device: str) -> dict:
-    """The encoder's GEMM x [B, d] @ W^T [d, n] (cuBLAS on CUDA), the one product an SAE cannot avoid."""
-    with torch.no_grad():
-        fn = lambda: x @ W.T
-        fn()
-        sync(device)
-        ms, q20, q80 = time_ms(fn, device)
+    """The time of gemm_call(x, W) alone (x: [B, d], W: [n, d]), and its FLOP rate."""
+    fn = gemm_call(x, W)
+    fn()
+    sync(device)
+    ms, q20, q80 = time_ms(fn, device)
     flops = 2 * x.shape[0] * x.shape[1] * W.shape[0]
     return {"ms": ms, "ms_q20": q20, "ms_q80": q80, "tflops": flops / ms / 1e9}

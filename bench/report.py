@@ -72,11 +72,39 @@ def largest_lines(doc: dict) -> list[str]:
     return out
 
 
-def text_table(doc: dict) -> str:
-    head, body = rows(doc)
+def target_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The targets table (bench.targets, evaluated at the end of a run): a header and a row per ratio."""
+    head = ["class", "op", "ratio", "target", "median [q20, q80]", "met", "provider", "n"]
+    out = []
+    for t in doc.get("targets", []):
+        unit = " GEMM" if t["baseline"] == "gemm" else "x"
+        if t["median"] is None:
+            value, met = f"not measured: {t['missing']}", "-"
+        else:
+            value = f"{t['median']:.2f}{unit} [{_f(t['q20'], '.2f')}, {_f(t['q80'], '.2f')}]"
+            met = "yes" if t["met"] else "NO"
+        out.append([t["class"], t["op"], t["ratio"], t["target"], value, met, t["provider"], str(t["n"])])
+    return head, out
+
+
+def _targets_summary(doc: dict) -> str:
+    rows = doc.get("targets", [])
+    shapes = sorted({f"B={t['B']} d={t['d']} n={t['n']} k={t['k']} {t['dtype']}" for t in rows})
+    return f"{sum(bool(t['met']) for t in rows)} of {len(rows)} targets of DESIGN section 7 met at {', '.join(shapes)}"
+
+
+def _text(head: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), *largest_lines(doc)])
+    return [line(head), line(["-" * w for w in widths]), *map(line, body)]
+
+
+def text_table(doc: dict) -> str:
+    lines = [*_text(*rows(doc)), *largest_lines(doc)]
+    if doc.get("targets"):
+        lines += ["", f"{_targets_summary(doc)} (ratios within this run: median [q20, q80] of per-round ratios)"]
+        lines += _text(*target_rows(doc))
+    return "\n".join(lines)
 
 
 def _md_row(cells) -> str:
@@ -86,11 +114,13 @@ def _md_row(cells) -> str:
 def markdown(doc: dict) -> str:
     dev, ver, git, cfg = doc["device"], doc["versions"], doc["git"], doc["config"]
     facts = ", ".join(f"{k}={v}" for k, v in dev.items() if v is not None)
+    load = doc.get("load_avg") or {}
     lines = [
         f"# sae-kernels benchmark: {doc['suite']} suite on {dev['name']}",
         "",
         f"- created: {doc['created']}; commit {git['commit']}{' (dirty)' if git['dirty'] else ''}",
         f"- device: {facts}",
+        f"- load average (1, 5, 15 min): before {load.get('before')}, after {load.get('after')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
         "- " + "; ".join(f"{k}: {v}" for k, v in cfg.items()),
         "- columns: `x GEMM` = time / the encoder-shape GEMM's time; `% copy BW` = the op's necessary bytes "
@@ -104,6 +134,12 @@ def markdown(doc: dict) -> str:
     for g in doc["ceilings"]["gemm"]:
         lines.append(f"- GEMM [{g['B']}, {g['d']}] x [{g['d']}, {g['n']}] {g['dtype']}: {g['ms']:.3f} ms, "
                      f"{g['tflops']:.2f} TFLOP/s")  # fmt: skip
+    if doc.get("targets"):
+        head, body = target_rows(doc)
+        lines += ["", "## Targets", "", f"{_targets_summary(doc)}. A speedup "
+                  "is the baseline's time over ours, `GEMM` ours over the encoder GEMM of the shape; on the CPU each "
+                  "the median [q20, q80] of its per-round ratios (interleaved rounds).", "",
+                  _md_row(head), _md_row(["---"] * len(head)), *map(_md_row, body)]  # fmt: skip
     head, body = rows(doc)
     lines += ["", "## Results", "", _md_row(head), _md_row(["---"] * len(head)), *map(_md_row, body)]
     if largest_lines(doc):

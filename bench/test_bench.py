@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import kernels
-from bench import measure
+from bench import measure, shapes, targets
 from bench.__main__ import main
 from bench.inputs import Inputs
 from bench.ops import FAMILIES, FORWARDS, OPS, build
 from bench.oracle import CheckError
 from bench.providers import preactivations
 from bench.providers_threshold import FAMILY_PROVIDERS, DenseGated, DenseGlobal, OursBatchTopK, OursJumpReLU
-from bench.providers_topk import PROVIDERS, Dense, Ours, TorchSparse
+from bench.providers_topk import PROVIDERS, Dense, Ours, Sparsify, TorchSparse
 from bench.shapes import GPU_REFERENCE, Shape
 from kernels import SparseCode
 from sae.registry import ARCHITECTURES
@@ -189,28 +189,56 @@ def test_every_registered_class_has_its_forward_case(inputs):
 
 
 TINY = ["--device", "cpu", "--n", "256,512", "--d", "32", "--k", "4", "--batch", "64"]
+TINY_TARGET = Shape(B=64, d=32, n=512, k=4, dtype="float32")  # TINY's n = 512 stands for the CPU target shape
 
 
 @pytest.fixture
 def fast_timing(monkeypatch):
     monkeypatch.setattr(measure, "CPU_BUDGET_S", 0.0)
     monkeypatch.setattr(measure, "CPU_MIN_REPS", 2)
+    monkeypatch.setattr(measure, "CPU_MIN_ROUNDS", 2)
     monkeypatch.setattr(measure, "COPY_BYTES", {"cpu": 1 << 20, "cuda": 1 << 20})
 
 
-def test_cli_writes_json_markdown_and_plots(tmp_path, fast_timing, capsys):
+def test_cli_writes_json_markdown_plots_and_the_targets(tmp_path, fast_timing, capsys, monkeypatch):
+    """TINY with n = 512 as the CPU target: every case at n = 256, the judged ones at 512, and their table."""
+    monkeypatch.setattr(shapes, "CPU_TARGET", TINY_TARGET)
     assert main([*TINY, "--results-dir", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "cpu-quick.json").read_text())
-    for key in ("device", "versions", "git", "ceilings", "results", "notes"):
+    for key in ("device", "load_avg", "versions", "git", "ceilings", "results", "notes", "targets"):
         assert key in doc
-    assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
+    assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1 and doc["device"]["name"]
+    assert len(doc["load_avg"]["before"]) == len(doc["load_avg"]["after"]) == 3
     assert {"torch", "triton", "cuda"} <= set(doc["versions"]) and "commit" in doc["git"]
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert {r["op"] for r in ok} == set(OPS)
     for r in ok:
         assert r["ms_q20"] <= r["ms"] <= r["ms_q80"] and r["tokens_per_s"] > 0
-    ours = next(r for r in ok if r["provider"] == "ours" and r["op"] == "step")
+        assert len(r["round_ms"]) == len(r["round_gemm_ms"]) >= 2 and r["x_gemm_q20"] <= r["x_gemm"] <= r["x_gemm_q80"]
+    # at n = 256 every provider; a speedup is the median of the per-round ratios
+    ours = next(r for r in ok if r["provider"] == "ours" and r["op"] == "step" and r["n"] == 256)
     assert set(ours["speedup"]) >= {"dense", "torch_sparse"}
+    dense = next(r for r in ok if r["provider"] == "dense" and r["op"] == "step" and r["n"] == 256)
+    per_round = measure.summary([a / b for a, b in zip(dense["round_ms"], ours["round_ms"], strict=True)])
+    assert [ours[key]["dense"] for key in ("speedup", "speedup_q20", "speedup_q80")] == pytest.approx(per_round)
+    # at the target: the judged ops only, by the judged provider and the baselines the targets name
+    judged = targets.ours("cpu", {r["provider"] for r in ok})
+    at_target = {(r["op"], r["provider"]) for r in doc["results"] if r["n"] == 512}
+    assert {op for op, _ in at_target} == set(targets.judged_ops("cpu"))
+    assert {p for op, p in at_target if op == "relu_step"} == {judged, "dense"}
+    assert {p for op, p in at_target if op == "relu_encode"} == {judged}
+    assert {p for op, p in at_target if op == "step"} <= {judged, "dense", "torch_sparse", "sparsify"}
+    rows = doc["targets"]
+    assert {t["class"] for t in rows} == {c.__name__ for c in ARCHITECTURES.values()}
+    assert len(rows) == 5 + 3 * len(FAMILIES) + 2 and all(t["n"] == 512 and t["provider"] == judged for t in rows)
+    no_peer = bool(Sparsify.unavailable())
+    for t in rows:
+        unmeasured = t["median"] is None
+        assert unmeasured == ("missing" in t) == (t["met"] is None) == (no_peer and t["baseline"] == "sparsify")
+        if not unmeasured:
+            at_most = t["baseline"] == targets.GEMM  # GEMMs: at most the bound; speedups: at least
+            assert t["met"] == (t["median"] <= t["bound"] if at_most else t["median"] >= t["bound"])
+    assert "## Targets" in (tmp_path / "cpu-quick.md").read_text()
     assert (tmp_path / "cpu-quick.md").read_text().startswith("# sae-kernels benchmark")
     for name in ("speedup-vs-dense", "speedup-vs-torch-sparse", "peak-memory"):
         assert (tmp_path / f"cpu-quick-{name}.png").stat().st_size > 10_000
@@ -218,7 +246,60 @@ def test_cli_writes_json_markdown_and_plots(tmp_path, fast_timing, capsys):
         assert (tmp_path / f"cpu-quick-{name}.png").stat().st_size > 10_000
     out = capsys.readouterr()
     assert "vs dense PyTorch" in out.out and "CPU quick suite" in out.err
+    assert f"targets of DESIGN section 7 met at {TINY_TARGET.label()}" in out.out
     assert "skip largest_n: CUDA only" in out.err
+
+
+def test_interleaved_rounds_take_each_provider_in_turn(monkeypatch):
+    """Rounds call ours, dense, the GEMM, ours, ...; load that comes and goes (rounds 1, 2 and 4 slowed 3-10x)
+    spreads each one's own times, but not the per-round ratios."""
+    clock, calls = FakeClock(), []
+    slow = {1: 10.0, 2: 10.0, 4: 3.0}
+
+    def provider(name: str, seconds: float):
+        def call():
+            calls.append(name)
+            clock.t += seconds * slow.get((len(calls) - 1) // 3, 1.0)
+
+        return call
+
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    monkeypatch.setattr(measure, "CPU_BUDGET_S", 0.0)
+    fns = {"ours": provider("ours", 1.0), "dense": provider("dense", 3.0), "gemm": provider("gemm", 2.0)}
+    times = measure.interleaved_ms(fns)
+    assert measure.CPU_MIN_ROUNDS >= 5 and calls == ["ours", "dense", "gemm"] * measure.CPU_MIN_ROUNDS
+    assert times["ours"] == [1e3, 1e4, 1e4, 1e3, 3e3]
+    assert measure.ratio_stats(times["dense"], times["ours"]) == pytest.approx((3.0, 3.0, 3.0))
+    assert measure.ratio_stats(times["ours"], times["gemm"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert measure.summary(times["dense"]) == pytest.approx((9e3, 3e3, 3e4))  # alone: a wide spread
+    monkeypatch.setattr(measure, "CPU_BUDGET_S", 1e3)  # more rounds while the budget lasts, up to CPU_MAX_REPS
+    assert len(measure.interleaved_ms(fns)["gemm"]) == measure.CPU_MAX_REPS
+    with pytest.raises(ValueError, match="5 and 4 rounds"):
+        measure.ratio_stats(times["ours"], times["gemm"][:4])
+
+
+def test_the_cpu_target_shape_runs_only_the_judged_cases():
+    """The quick CPU suite: TopK ops at n = 4096 and at the target, where only what bench.targets judges runs."""
+    from bench import suite
+
+    quick = shapes.suite_shapes("quick", "cpu", None, {})
+    assert [s.n for s in quick] == [4096, shapes.CPU_TARGET.n]
+    assert shapes.target_shapes("quick", "cpu", quick) == shapes.family_shapes("quick", "cpu", quick) == quick[1:]
+    assert shapes.target_shapes("full", "cpu", quick) == shapes.target_shapes("quick", "cuda", quick) == []
+    every = [*PROVIDERS.values(), *FAMILY_PROVIDERS]
+    run = suite.Run("quick", "cpu", quick, list(OPS), every, quick[1:], quick[1:])
+    assert run.ops_at(quick[0]) == [op for op in OPS if OPS[op].group == "topk"]
+    assert run.ops_at(quick[1]) == targets.judged_ops("cpu")
+    assert {"encode", "step", "forward_ordered", "relu_encode", "gated_step"} <= set(targets.judged_ops("cpu"))
+    assert not {"encode_bwd", "decode", "decode_bwd"} & set(targets.judged_ops("cpu"))
+    names = lambda op, shape: sorted(c.name for c in run.providers_for(op, shape))
+    assert names("step", quick[1]) == ["cpp", "dense", "sparsify", "torch_sparse"]
+    assert names("encode", quick[1]) == ["cpp", "dense", "torch_sparse"]
+    assert names("forward_topk", quick[1]) == names("relu_step", quick[1]) == ["cpp", "dense"]
+    assert names("relu_encode", quick[1]) == ["cpp"]
+    assert names("step", quick[0]) == ["cpp", "dense", "ours", "sparsify", "torch_sparse"]
+    no_cpp = suite.Run("quick", "cpu", quick, list(OPS), [c for c in every if c.name != "cpp"], quick[1:], quick[1:])
+    assert sorted(c.name for c in no_cpp.providers_for("relu_step", quick[1])) == ["dense", "ours"]
 
 
 def test_cli_fails_loudly_on_a_wrong_provider(tmp_path, fast_timing, monkeypatch):
@@ -254,34 +335,46 @@ def test_budget_starts_a_case_only_while_the_longest_fits():
         measure.Budget(-1)
 
 
-def _fake_measure(clock, seconds):
-    def fake(run, op, cls, I, probe, gemm_ms, copy_gbps):
+def _fake_cpu_cases(monkeypatch, clock, seconds):
+    """Each provider's check and set-up, and each op's rounds, take `seconds` of the fake clock."""
+    from bench import suite
+
+    def prepare(op, cls, I, probe):
         clock.t += seconds
-        return {"status": "ok", "ms": 1.0}
+        return (lambda: None), None
 
-    return fake
+    def rounds(fns):
+        clock.t += seconds
+        return {name: [1.0] * measure.CPU_MIN_ROUNDS for name in fns}
+
+    monkeypatch.setattr(suite, "_prepare", prepare)
+    monkeypatch.setattr(measure, "interleaved_ms", rounds)
 
 
-def test_suite_skips_cases_past_its_budget_and_saves_after_each(monkeypatch, fast_timing):
-    """A 2.5 s budget and cases of 1 s: two run, the third would not fit; the second shape is skipped whole,
-    without building its inputs; the document is saved after every case, complete only at the end."""
+@pytest.mark.parametrize("budget_s, ran", [(3.5, 2), (2.5, 0)])
+def test_suite_skips_cases_past_its_budget_and_saves_after_each(monkeypatch, fast_timing, budget_s, ran):
+    """Set-ups and rounds of 1 s. 3.5 s: encode's two set-ups and its rounds run, decode's would not fit; 2.5 s:
+    encode's rounds would not fit, so its prepared providers are skipped too. The second shape is skipped whole,
+    without building its inputs; the document is saved after every op's results, complete only at the end."""
     from bench import suite
 
     clock = FakeClock()
-    monkeypatch.setattr(suite, "_measure", _fake_measure(clock, 1.0))
+    _fake_cpu_cases(monkeypatch, clock, 1.0)
     shapes = [Shape(B=16, d=8, n=64, k=4, dtype="float32"), Shape(B=16, d=8, n=128, k=4, dtype="float32")]
     run = suite.Run("quick", "cpu", shapes, ["encode", "decode"], [Ours, Dense])
-    run.budget = measure.Budget(2.5, clock=clock)
+    run.budget = measure.Budget(budget_s, clock=clock)
     saves = []
     doc = suite.execute(run, save=lambda d: saves.append((len(d["results"]), d["complete"])))
-    assert [r["status"] for r in doc["results"]] == ["ok", "ok"] + ["skipped"] * 6
-    assert all(r["reason"].startswith(measure.BUDGET) for r in doc["results"][2:])
-    skipped = [(r["op"], r["n"], r["provider"]) for r in doc["results"][2:4]]
-    assert skipped == [("decode", 64, "ours"), ("decode", 64, "dense")]
-    assert saves[:4] == [(1, False), (2, False), (3, False), (4, False)] and saves[-1] == (8, False)
-    assert doc["complete"] and doc["config"]["budget_s"] == 2.5
-    assert any("6 cases not run" in note for note in doc["notes"])
-    assert doc["results"][1]["speedup"] == {"dense": 1.0}  # speedups of the cases that ran
+    assert [r["status"] for r in doc["results"]] == ["ok"] * ran + ["skipped"] * (8 - ran)
+    assert all(r["reason"].startswith(measure.BUDGET) for r in doc["results"][ran:])
+    cases = [(r["op"], r["n"], r["provider"]) for r in doc["results"][:4]]
+    assert cases == [("encode", 64, "ours"), ("encode", 64, "dense"), ("decode", 64, "ours"), ("decode", 64, "dense")]
+    assert saves == [(2, False), (3, False), (4, False), (8, False)]
+    assert doc["complete"] and doc["config"]["budget_s"] == budget_s
+    assert any(f"{8 - ran} cases not run" in note for note in doc["notes"])
+    if ran:
+        first = doc["results"][0]
+        assert first["speedup"] == {"dense": 1.0} and first["round_ms"] == [1.0] * measure.CPU_MIN_ROUNDS
 
 
 class Stopped(Exception):
@@ -289,22 +382,23 @@ class Stopped(Exception):
 
 
 def test_cli_leaves_its_json_when_stopped(tmp_path, fast_timing, monkeypatch):
+    """Killed in the third set-up (encode at the second shape): the first shape's encode is in the JSON."""
     from bench import suite
 
     calls = []
 
-    def fake(*args):
-        calls.append(1)
-        if len(calls) == 2:
+    def prepare(op, cls, I, probe):
+        calls.append(cls.name)
+        if len(calls) == 3:
             raise Stopped("killed")
-        return {"status": "ok", "ms": 1.0}
+        return (lambda: None), None
 
-    monkeypatch.setattr(suite, "_measure", fake)
+    monkeypatch.setattr(suite, "_prepare", prepare)
     with pytest.raises(Stopped):
         main([*TINY, "--cases", "encode", "--providers", "ours,dense", "--results-dir", str(tmp_path)])
     doc = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert not doc["complete"] and doc["stopped"] == "Stopped: killed"
-    assert [(r["provider"], r["status"]) for r in doc["results"]] == [("ours", "ok")]
+    assert [(r["provider"], r["status"]) for r in doc["results"]] == [("ours", "ok"), ("dense", "ok")]
     assert not (tmp_path / "cpu-quick.md").exists()  # the report of a finished run only
 
 
