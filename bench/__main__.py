@@ -104,8 +104,9 @@ def main(argv=None) -> int:
         run.note(f"quick suite: the threshold families (encode, step) and every class's forward at {labels} only")
     for shape in run.target_shapes:
         ours = targets.ours(device, [c.name for c in run.providers])
-        run.note(f"{shape.label()} (the CPU target): only what bench/targets.py judges, each class's encode, step "
-                 f"and forward, by {ours} and the targets' baselines (PyTorch-sparse too beside TopK's)")  # fmt: skip
+        judged = "each class's encode, step and forward"
+        run.note(f"{shape.label()} (CPU target): only what bench/targets.py judges ({judged}) by {ours} and the "
+                 "targets' baselines; PyTorch-sparse beside the TopK step")  # fmt: skip
     if any(OPS[op].group != "topk" for op in ops):
         run.note("threshold families: thresholds and biases set so that about k latents fire per row (L0 ~ k)")
     if device == "cpu":

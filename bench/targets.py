@@ -6,7 +6,8 @@ GEMM x W^T of the shape, timed in the same run) it is ours over the GEMM, and mu
 the CPU each ratio is the median of its per-round ratios (measure.interleaved_ms) with their 20/80 quantiles.
 
 At the quick CPU suite's target shape (shapes.target_shapes) only the cases these targets judge run: their ops,
-"ours" (the C++ kernels when built), their baselines and, beside the TopK ops, DESIGN's PyTorch baselines.
+"ours" (the C++ kernels when built), their baselines and, beside the TopK step, PyTorch-sparse (what sparsify
+runs: DESIGN's second PyTorch baseline).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .ops import FAMILIES, OPS
 
 GEMM = "gemm"  # the baseline that is the shape's encoder GEMM, not a provider
 OURS = {"cpu": ("cpp", "ours"), "cuda": ("ours",)}  # the provider judged: the first of these that ran
-TOPK_BASELINES = ("dense", "torch_sparse")  # run beside the judged TopK ops (group "topk") at the target shape
+ALSO = {"step": ("torch_sparse",)}  # baselines run beside a judged op at the target shape that no target names
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,8 @@ def judged_ops(device: str) -> list[str]:
 
 
 def baselines(op: str, device: str) -> set[str]:
-    """The providers besides ours that the targets of `op` compare with (TOPK_BASELINES too for TopK ops)."""
-    names = {t.baseline for t in TARGETS.get(device, ()) if t.judges(op)} - {GEMM}
-    return names | set(TOPK_BASELINES) if OPS[op].group == "topk" else names
+    """The providers besides ours that the targets of `op` compare with, and those of ALSO."""
+    return ({t.baseline for t in TARGETS.get(device, ()) if t.judges(op)} - {GEMM}) | set(ALSO.get(op, ()))
 
 
 def ours(device: str, names) -> str | None:
