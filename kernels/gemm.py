@@ -3,6 +3,10 @@
 A fused encoder's grid is (row blocks) x (column splits S): each program owns BLOCK_M rows of x and a
 contiguous range of latents, walks that range BLOCK_N latents at a time, and for each tile computes
 `tile_xwT`, then runs its own epilogue (top-k insertion, threshold compaction).
+
+An encoder whose epilogue keeps no state across tiles (the threshold encoder) runs persistent programs
+instead: one (row block, one-tile split) work item after another, in the grouped order of `grouped_item`,
+with its tiles through `tile_xwT_desc` (TMA) where x's and W's rows are 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -52,9 +56,66 @@ def tile_xwT(
     return acc
 
 
+@triton.jit
+def tile_xwT_desc(
+    x_desc,  # [B, d] descriptor, block [BLOCK_M, BLOCK_K]
+    w_desc,  # [n, d] descriptor, block [BLOCK_N, BLOCK_K]
+    row0,
+    col0,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """`tile_xwT` of rows [row0, row0 + BLOCK_M) and latents [col0, col0 + BLOCK_N) through TMA descriptors
+    (rows, latents and d past the tensors' ends read zeros)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        a = x_desc.load([row0, k0])
+        w = w_desc.load([col0, k0])
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def grouped_item(item, row_blocks, splits, group_rows):
+    """(row block, column split) of work item `item` in [0, row_blocks * splits): items walk `group_rows` row
+    blocks (fastest) x every split, then the next `group_rows` row blocks (the last group may be shorter). The
+    programs resident at once hold consecutive items, so they share `group_rows` row blocks of x and a few
+    splits' columns of W in L2."""
+    per_group = group_rows * splits
+    group = item // per_group
+    first = group * group_rows
+    size = tl.minimum(row_blocks - first, group_rows)
+    rest = item - group * per_group
+    return first + rest % size, rest // size
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can back a TMA descriptor: non-empty, unit column stride, 16-byte aligned base
+    and row stride (else the kernels take pointer loads)."""
+    return t.numel() > 0 and t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+H100_L2_BYTES = 50 * 2**20
+
+
+@functools.cache
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 size; an H100's off CUDA (the interpreter and the compile check take a GPU's order)."""
+    if device.type != "cuda":
+        return H100_L2_BYTES
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def tf32_enabled() -> bool:
@@ -76,15 +137,26 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def split_plan(op: str, B: int, n: int, device: torch.device, **shape: int) -> dict:
+def split_plan(op: str, B: int, n: int, device: torch.device, *, persistent: bool = False, **shape: int) -> dict:
     """`op`'s launch config plus the column split: "cols_per_split" and "S", so that the grid fills the SMs
     (cfg["waves"] resident programs per SM on CUDA, cfg["programs"] in the interpreter) without spilling
-    into a second, mostly idle wave."""
+    into a second, mostly idle wave.
+
+    persistent: one tile per split (S = cdiv(n, BLOCK_N)); "items" = row blocks x S work items, taken by
+    "grid" programs in `grouped_item` order, whose groups of "group_rows" row blocks of x (shape["D"]
+    columns of shape["BYTES"] bytes) fill at most half of the L2."""
     cfg = dict(tuning.config(op, **shape))
     row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
     # An interpreter config names its program count; a GPU config its waves of programs per SM.
     target = cfg["programs"] if "programs" in cfg else cfg["waves"] * num_sms(device)
+    if persistent:
+        cfg["cols_per_split"], cfg["S"] = cfg["BLOCK_N"], tiles
+        cfg["items"] = row_blocks * tiles
+        cfg["grid"] = max(1, min(cfg["items"], target))
+        block_bytes = cfg["BLOCK_M"] * shape["D"] * shape["BYTES"]
+        cfg["group_rows"] = max(1, min(row_blocks, l2_bytes(device) // 2 // block_bytes))
+        return cfg
     # Round down: a grid just over one wave of `target` programs would take two waves.
     splits = max(1, min(tiles, target // row_blocks))
     cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]

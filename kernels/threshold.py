@@ -1,7 +1,10 @@
 """The fused threshold encoder shared by ReLU, JumpReLU and gated (relu.py, jumprelu.py, gated.py), without
 ever writing the [B, n] pre-activations.
 
-The GEMM is tiled like the TopK encoder's (a grid of row blocks x column splits, fp32 tl.dot). The
+The GEMM is tiled like the TopK encoder's ([BLOCK_M, BLOCK_N] tiles of x W^T, fp32 tl.dot), but the
+epilogue keeps no state across tiles, so the programs are persistent: one per SM, each taking every
+grid-th (row block, tile) work item in `gemm.grouped_item` order (the resident programs share a group of
+row blocks of x in L2), its loads through TMA descriptors where x's and W's rows are 16-byte aligned. The
 epilogue keeps the entries of each tile that pass the activation's test and compacts them into a padded
 code of capacity C per row: a tile reserves its rows' slots with one int32 atomic add per row, and its
 entries take consecutive slots from there (a cumulative sum over the tile's mask). Entries beyond C are
@@ -23,18 +26,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import torch_ops
 from .backend import INTERPRET, resolve
-from .gemm import precision, split_plan, tile_xwT
+from .gemm import grouped_item, precision, split_plan, tile_xwT, tile_xwT_desc, tma_ready
 from .scatter import scatter_rows
 from .torch_ops import GATED
 
 
 @triton.jit
 def _threshold_encode_kernel(
-    x_ptr,  # [B, d]
-    w_ptr,  # [n, d]
+    x_ptr,  # [B, d], or its TMA descriptor (TMA)
+    w_ptr,  # [n, d], or its TMA descriptor (TMA)
     b_ptr,  # [n]: b_enc, or b_gate
     theta_ptr,  # [n] JumpReLU threshold
     r_ptr,  # [n] gated r_mag
@@ -48,7 +52,7 @@ def _threshold_encode_kernel(
     N,
     D,
     C,
-    cols_per_split,
+    group_rows,
     stride_x,
     stride_w,
     half_band,
@@ -57,25 +61,36 @@ def _threshold_encode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     WIDE: tl.constexpr,  # B * C >= 2^31: int64 slot offsets
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < B
-    rows64 = rows.to(tl.int64)
-    col_lo = pid_s * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, N)
-    for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < col_hi
-        cols64 = cols.to(tl.int64)
-        acc = tile_xwT(
-            x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, D, stride_x, stride_w,
-            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-        )  # fmt: skip
+    row_blocks = tl.cdiv(B, BLOCK_M)
+    tiles = tl.cdiv(N, BLOCK_N)
+    # Persistent: each program takes every num_programs-th tile in grouped order. One loop over tiles around
+    # the d loop, flattened, so the next tile's loads can issue during this tile's epilogue (not gated: its
+    # epilogue holds a tile more, and the flattened loop's registers would spill).
+    for item in tl.range(tl.program_id(0), row_blocks * tiles, tl.num_programs(0), flatten=MODE != 2):
+        pid_m, pid_n = grouped_item(item, row_blocks, tiles, group_rows)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < B
+        rows64 = rows.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        if TMA:
+            acc = tile_xwT_desc(
+                x_ptr, w_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, D, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+            )
+        else:
+            acc = tile_xwT(
+                x_ptr, w_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_x, stride_w,
+                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+            )  # fmt: skip
+        if MODE == 2:  # gated: pi_m from u = acc first, so acc dies as the bias makes it pi_g (no spill)
+            scale = tl.exp(tl.load(r_ptr + cols, mask=col_mask, other=0.0).to(tl.float32))
+            shift = tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            aux = scale[None, :] * acc + shift[None, :]
         z = acc
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -90,27 +105,24 @@ def _threshold_encode_kernel(
             f = tl.where(active, z, 0.0)
             aux = z
         else:  # gated: z is pi_g
-            scale = tl.exp(tl.load(r_ptr + cols, mask=col_mask, other=0.0).to(tl.float32))
-            shift = tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            aux = scale[None, :] * acc + shift[None, :]
             keep = z > 0
         keep = keep & row_mask[:, None] & col_mask[None, :]
         flags = keep.to(tl.int32)
         cnt = tl.sum(flags, axis=1)
-        if tl.sum(cnt, axis=0) > 0:
-            base = tl.atomic_add(count_ptr + rows, cnt, mask=row_mask, sem="relaxed")  # acq_rel would fence
-            pos = base[:, None] + tl.cumsum(flags, axis=1) - 1
-            store = keep & (pos < C)
-            if WIDE:
-                off = rows64[:, None] * C + pos
-            else:  # int32 offsets: half the registers of [BLOCK_M, BLOCK_N] int64 ones
-                off = rows[:, None] * C + pos
-            if MODE != 2:  # gated: the launcher takes f = ReLU(pi_m) from aux (a store and a tile fewer)
-                tl.store(val_ptr + off, f.to(val_ptr.dtype.element_ty), mask=store)
-            tl.store(aux_ptr + off, aux, mask=store)
-            tl.store(idx_ptr + off, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=store)
-            if MODE == 2:
-                tl.store(gate_ptr + off, z.to(gate_ptr.dtype.element_ty), mask=store)
+        # No branch around the empty tile (a sparse code's tile keeps a few entries; the loop stays flat).
+        base = tl.atomic_add(count_ptr + rows, cnt, mask=row_mask & (cnt > 0), sem="relaxed")  # acq_rel: a fence
+        pos = base[:, None] + tl.cumsum(flags, axis=1) - 1
+        store = keep & (pos < C)
+        if WIDE:
+            off = rows64[:, None] * C + pos
+        else:  # int32 offsets: half the registers of [BLOCK_M, BLOCK_N] int64 ones
+            off = rows[:, None] * C + pos
+        if MODE != 2:  # gated: the launcher takes f = ReLU(pi_m) from aux (a store and a tile fewer)
+            tl.store(val_ptr + off, f.to(val_ptr.dtype.element_ty), mask=store)
+        tl.store(aux_ptr + off, aux, mask=store)
+        tl.store(idx_ptr + off, tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N)), mask=store)
+        if MODE == 2:
+            tl.store(gate_ptr + off, z.to(gate_ptr.dtype.element_ty), mask=store)
 
 
 def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: float, capacity: int):
@@ -120,21 +132,31 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
     B, D = x.shape
     N = W.shape[0]
     ieee = int(precision(x.dtype) == "ieee")
-    cfg = split_plan("threshold_encode", B, N, x.device, D=D, IEEE=ieee, BYTES=x.element_size())
+    shape = {"D": D, "IEEE": ieee, "BYTES": x.element_size()}
+    cfg = split_plan("threshold_encode", B, N, x.device, persistent=True, **shape)
     values = torch.empty(B, capacity, device=x.device, dtype=x.dtype)
     gate = torch.empty_like(values) if mode == GATED else values
     aux = torch.empty(B, capacity, device=x.device, dtype=torch.float32)
     indices = torch.empty(B, capacity, device=x.device, dtype=torch.int32)
     counts = torch.zeros(B, device=x.device, dtype=torch.int32)
     dummy = W
-    _threshold_encode_kernel[(triton.cdiv(B, cfg["BLOCK_M"]), cfg["S"])](
-        x, W, b if b is not None else dummy, theta if theta is not None else dummy,
+    # TMA where rows are aligned and the product is on wgmma (the IEEE FMA product reads shared memory with
+    # ordinary loads: behind TMA that costs a memory fence per step), except gated (its loop is not flattened,
+    # and an unflattened TMA pipeline fences per tile)
+    tma = mode != GATED and not ieee and tma_ready(x) and tma_ready(W)
+    if tma:  # host-side descriptors: kernel parameters, nothing for the kernel to build or allocate
+        xs = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+        ws = TensorDescriptor.from_tensor(W, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    else:
+        xs, ws = x, W
+    _threshold_encode_kernel[(cfg["grid"],)](
+        xs, ws, b if b is not None else dummy, theta if theta is not None else dummy,
         r_mag if r_mag is not None else dummy, b_mag if b_mag is not None else dummy,
-        values, gate, aux, indices, counts, B, N, D, capacity, cfg["cols_per_split"],
+        values, gate, aux, indices, counts, B, N, D, capacity, cfg["group_rows"],
         x.stride(0), W.stride(0), half_band,
         MODE=mode, HAS_BIAS=b is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype), WIDE=B * capacity >= 2**31,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_K=cfg["BLOCK_K"], TMA=tma, UPCAST=INTERPRET, PRECISION=precision(x.dtype),
+        WIDE=B * capacity >= 2**31, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if mode == GATED:
         values = aux.clamp_min(0).to(x.dtype)

@@ -38,6 +38,7 @@ import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import gemm, torch_ops, tuning
 
@@ -168,6 +169,8 @@ def capture(label: str, precision: str, thunk) -> dict:
         if isinstance(v, torch.Tensor):
             signature[p.name] = "*" + TYPE_NAMES[v.dtype]
             attrs[(len(signature) - 1,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        elif isinstance(v, TensorDescriptor):  # host-side TMA descriptor (a kernel parameter)
+            signature[p.name] = f"tensordesc<{TYPE_NAMES[v.base.dtype]}{list(v.block_shape)}>"
         elif isinstance(v, float):
             signature[p.name] = "fp32"
         elif isinstance(v, int):

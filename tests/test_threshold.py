@@ -3,12 +3,15 @@ argument checks of relu_encode, jumprelu_encode and gated_encode."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import BACKENDS, DEVICE
 from helpers import assert_close, assert_slots, f64, make_encoder, make_gated
 
 import kernels
-from kernels import gated, jumprelu, relu, torch_ops
+from kernels import gated, gemm, jumprelu, relu, threshold, torch_ops
 from kernels import reference as R
+from kernels.gemm import grouped_item
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -157,3 +160,70 @@ def _bad(name):
 def test_bad_inputs(name, exc, match):
     with pytest.raises(exc, match=match):
         _bad(name)()
+
+
+@triton.jit
+def _visit_items(order_ptr, visits_ptr, row_blocks, splits, group_rows):
+    """Persistent programs over row_blocks x splits items: order [items, 2] = (row block, split) of each item,
+    visits [row_blocks, splits] += 1 per visit."""
+    for item in tl.range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
+        m, s = grouped_item(item, row_blocks, splits, group_rows)
+        tl.store(order_ptr + 2 * item, m)
+        tl.store(order_ptr + 2 * item + 1, s)
+        tl.atomic_add(visits_ptr + m * splits + s, 1)
+
+
+@pytest.mark.parametrize(
+    "row_blocks,splits,group_rows,programs", [(5, 7, 2, 3), (7, 3, 3, 4), (3, 1, 4, 2), (1, 5, 1, 5)]
+)
+def test_grouped_item_visits_each_item_once_in_groups(row_blocks, splits, group_rows, programs):
+    """Odd grids, a short last group: every (row block, split) once; items walk group_rows row blocks (fastest)
+    x every split, group after group."""
+    items = row_blocks * splits
+    order = torch.full((items, 2), -1, dtype=torch.int32, device=DEVICE)
+    visits = torch.zeros(row_blocks, splits, dtype=torch.int32, device=DEVICE)
+    _visit_items[(programs,)](order, visits, row_blocks, splits, group_rows)
+    assert (visits == 1).all()
+    want = [
+        (first + r, s)
+        for first in range(0, row_blocks, group_rows)
+        for s in range(splits)
+        for r in range(min(group_rows, row_blocks - first))
+    ]
+    assert [tuple(p) for p in order.tolist()] == want
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize(
+    "dtype,d", [(torch.float32, 12), (torch.float32, 9), (torch.bfloat16, 24), (torch.bfloat16, 12)], ids=str
+)
+def test_descriptor_and_pointer_paths(dtype, d, tma, monkeypatch):
+    """x and W through TMA descriptors where their rows are 16-byte aligned (fp32 d = 12, bf16 d = 24), else
+    pointer loads; both against float64, with several row groups (a small L2) and programs looping over
+    tiles. tma=False forces pointer loads on aligned rows too. (The interpreter's TF32 product is fp32.)"""
+    B, n = 40, 100  # interpreter tiles 16 x 16: 3 row blocks (the last partial) x 7 tiles, 4 programs
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # IEEE fp32 (an FMA product) takes pointers; the fixture resets
+    aligned = d * dtype.itemsize % 16 == 0
+    taken = []
+    monkeypatch.setattr(gemm, "l2_bytes", lambda device: 2 * 16 * d * dtype.itemsize)  # groups of one row block
+    monkeypatch.setattr(threshold, "tma_ready", lambda t: taken.append(tma and gemm.tma_ready(t)) or taken[-1])
+    x, W, b, _ = make_encoder(B, d, n, dtype)
+    theta = 0.3 * torch.rand(n, device=DEVICE).to(dtype)
+    b_gate, r_mag, b_mag = make_gated(n, dtype)
+    for mode in MODES:
+        gate_args = (b_gate, None, r_mag, b_mag) if mode == torch_ops.GATED else (b, theta, None, None)
+        values, gate, aux, ids, counts = threshold.threshold_select_triton(mode, x, W, *gate_args, 0.1, n)
+        assert taken[-1] == (tma and aligned)
+        slots = ids.long().cpu()  # empty slots: id 0, value 0
+        dense = lambda t, slots=slots: torch.zeros(B, n, dtype=torch.float64).scatter_add_(1, slots, t.double().cpu())
+        if mode == torch_ops.RELU:
+            want, mask = R.relu(*f64(x, W, b)), R.relu(*f64(x, W, b)) > 0
+        elif mode == torch_ops.JUMPRELU:
+            want, _ = R.jumprelu(*f64(x, W, b, theta), 0.2)
+            mask = R.jumprelu_band(*f64(x, W, b, theta), 0.2)
+        else:
+            want, gate_ref = R.gated(*f64(x, W, b_gate, r_mag, b_mag))
+            mask = gate_ref > 0
+            assert_close(dense(gate), gate_ref, dtype, "gate")
+        assert torch.equal(counts.cpu(), mask.sum(1).int().cpu())
+        assert_close(dense(values), want, dtype, "values")
