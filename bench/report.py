@@ -124,7 +124,8 @@ def markdown(doc: dict) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
         "- " + "; ".join(f"{k}: {v}" for k, v in cfg.items()),
         "- columns: `x GEMM` = time / the encoder-shape GEMM's time; `% copy BW` = the op's necessary bytes "
-        "per second / the measured copy bandwidth; `vs X` = X's time / this provider's time (same run).",
+        "per second / the measured copy bandwidth; `vs X` = X's time / this provider's time (same run; on the CPU "
+        "both ratios are medians of per-round ratios, the GEMM timed in the same rounds).",
         "",
         "## Ceilings (same run)",
         "",
