@@ -1,17 +1,23 @@
 """Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
 
 Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
-tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Its epilogue costs a
-compare on the common tile: each row keeps an fp32 threshold thr (its KP-th best value at the last merge,
--1 until KP entries were seen), and a tile whose row maxima all stay at or below their thr ends there.
-Otherwise the entries with f > thr are appended, as packed int64 keys (fp32 bits of f << 32 | KEY_LOW -
-column: a key orders by value, then by lower latent id), to the row's slots of a per-program buffer
-[BLOCK_M, BUF] in global memory (L2): slots [0, KP) hold the row's best KP keys, the rest the appended
-candidates. When a row's buffer could not take another tile, and at the end, every row's buffer is sorted
-and cut back to its best KP, and thr is re-read from slot KP - 1. Columns are walked in ascending order,
-so an entry equal to thr never beats it (ties to the lower id): the selection is exact.
+tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Keys are packed int64
+(fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key orders by value, then by lower latent id. Each row
+keeps in a per-program buffer [BLOCK_M, BUF] (global memory, L2) its best KP keys (slots [0, KP),
+descending) and a candidate region, and in registers a threshold: the KP-th key and its value (-inf until
+KP keys were seen). The epilogue of a tile:
+  1. one compare per element, f > thr, folded into per-(row, lane group) bit masks of the qualifying
+     columns and their counts (a sum over the columns one thread holds in the wgmma layout: no shuffles);
+  2. if any entry qualifies (one block-wide maximum), the tile is staged (a [BLOCK_M, BLOCK_N] scratch in
+     L2) and each (row, group) appends its qualifying entries, the lowest column first, one per trip, to
+     its own slots of the candidate region: a trip costs a few instructions per row, not per element;
+  3. when a group's slots are full, every row's candidates are merged into its top KP (a sort of the
+     candidates, then a bitonic merge with the kept keys) and the thresholds are re-read.
+An entry is appended only if its key beats the row's KP-th key, and columns are walked in ascending order,
+so the selection is exact (ties to the lower id) and nothing that belongs to the top KP is ever dropped.
 Stage 2: top-k of the splits' KP candidates per row (torch.topk on the int64 keys), sorted.
-Largest temporaries: the buffers [programs, BLOCK_M, BUF] and the candidates [B, splits, KP].
+Largest temporaries: the buffers [programs, BLOCK_M, BUF], the staging [programs, BLOCK_M, BLOCK_N] and the
+candidates [B, splits, KP].
 
 k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select_torch).
 Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
@@ -30,7 +36,10 @@ from .gemm import precision, split_plan, tile_xwT
 from .sparse_decode import encoder_grads
 
 MAX_FUSED_KP = 256  # larger k runs the chunked path
-SORT_ELEMENTS = 512  # keys per warp sorted at once by a merge step
+MAX_BLOCK_N = 128  # a lane group's qualifying columns fit one int32 mask
+MERGE_KEYS = 8192  # keys a merge step holds in registers (32 per thread at 8 warps)
+LANES = 4  # column groups of a tile: column 8 g + 2 lane + e (g < BLOCK_N / 8, e < 2), as wgmma lays out a row
+KEY_MAX = tl.constexpr(2**63 - 1)  # the threshold key of rows past B: nothing beats it
 
 
 @triton.jit
@@ -40,29 +49,141 @@ def _pack(value, col):
 
 
 @triton.jit
-def _merge(buf, row_mask, KP: tl.constexpr, BUF: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_ROWS: tl.constexpr):
-    """Cut each row of the program's buffer buf [BLOCK_M, BUF] back to its best KP keys (slots [0, KP),
-    descending; the rest -1) and return the rows' new thresholds [BLOCK_M] (-1 while a row has fewer than
-    KP keys, +inf for rows past B)."""
+def _compare_swap(x, j: tl.constexpr, L: tl.constexpr, DESCENDING: tl.constexpr):
+    """Keys x [ROWS, n]: order each pair of slots 2^j apart ascending, or descending where bit L of the slot
+    is set (bitonic sort level L < log2 n), or all DESCENDING (L = log2 n). One compare per pair."""
+    n: tl.constexpr = x.shape[1]
+    pairs = tl.reshape(x, [x.shape[0], n // (2 << j), 2, 1 << j])
+    lo, hi = tl.split(tl.permute(pairs, [0, 1, 3, 2]))  # [ROWS, n / 2^(j+1), 2^j]
+    swap = lo > hi
+    if (1 << L) < n:  # blocks of 2^L slots alternate: descending where bit L of the slot is set
+        swap = swap != ((tl.arange(0, n // (2 << j)) >> (L - j - 1)) % 2 == 1)[None, :, None]
+    elif DESCENDING:
+        swap = lo < hi
+    out = tl.join(tl.where(swap, hi, lo), tl.where(swap, lo, hi))
+    return tl.reshape(tl.permute(out, [0, 1, 3, 2]), [x.shape[0], n])
+
+
+@triton.jit
+def _bitonic_sort(x, LOG: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sort each row of the int64 keys x [ROWS, 2^LOG]."""
+    for level in tl.static_range(1, LOG + 1):
+        for s in tl.static_range(level):
+            x = _compare_swap(x, level - 1 - s, level, DESCENDING)
+    return x
+
+
+@triton.jit
+def _bitonic_merge(x, LOG: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sort each row of x [ROWS, 2^LOG], each row a bitonic sequence (LOG compare-and-swap stages)."""
+    for s in tl.static_range(LOG):
+        x = _compare_swap(x, LOG - 1 - s, LOG, DESCENDING)
+    return x
+
+
+@triton.jit
+def _merge(
+    buf, row_mask, prow, prow3, row3_mask, KP: tl.constexpr, CAND: tl.constexpr, BLOCK_M: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, SPREAD: tl.constexpr, LOG_KP: tl.constexpr, LOG_CAND: tl.constexpr,
+):  # fmt: skip
+    """Merge every row's candidates (slots [KP, KP + CAND), -1 where empty) into its best KP keys (slots
+    [0, KP), descending) and empty the candidates (buf: [slots, BLOCK_M], row r at column prow(r)). Returns
+    the KP-th keys of the rows at prow3 [1, BLOCK_M // 2, 2] (-1 while a row has fewer than KP keys, KEY_MAX
+    past B) and the KP-th values of the rows at prow [BLOCK_M] (-inf, +inf)."""
     tl.debug_barrier()  # the appends of every thread are visible
-    slots = tl.arange(0, BUF)
-    for r0 in range(0, BLOCK_M, MERGE_ROWS):  # MERGE_ROWS rows of keys at a time bound the registers
-        ptrs = buf + (r0 + tl.arange(0, MERGE_ROWS))[:, None] * BUF + slots[None, :]
-        keys = tl.sort(tl.load(ptrs), dim=1, descending=True)
-        tl.store(ptrs, tl.where(slots[None, :] < KP, keys, -1))
+    # A row's keys are loaded as [MERGE_ROWS, SPREAD, n // SPREAD]: rows over lanes and warps, the slots over
+    # SPREAD warps and the registers (the columns read in a non-contiguous order, so that the loads are not
+    # vectorised along the rows), so that most sort stages stay in registers.
+    r = tl.arange(0, MERGE_ROWS)
+    r = (r % 2) * (MERGE_ROWS // 2) + r // 2
+    for r0 in range(0, BLOCK_M, MERGE_ROWS):  # MERGE_ROWS columns at a time bound the registers
+        base = buf + r0 + r[:, None, None]
+        kept_ptrs = base + _slots(0, KP, SPREAD) * BLOCK_M
+        cand_ptrs = base + _slots(KP, CAND, SPREAD) * BLOCK_M
+        cand = _bitonic_sort(tl.reshape(tl.load(cand_ptrs), [MERGE_ROWS, CAND]), LOG_CAND, False)  # ascending
+        if CAND > KP:  # the last KP of each sorted row: its best, ascending
+            cand = tl.max(tl.reshape(cand, [MERGE_ROWS, CAND // KP, KP]), axis=1)
+        # Kept keys descending against the best candidates ascending: the pairwise larger are the row's
+        # best KP, a bitonic sequence.
+        kept = tl.reshape(tl.load(kept_ptrs), [MERGE_ROWS, KP])
+        best = tl.reshape(_bitonic_merge(tl.maximum(kept, cand), LOG_KP, True), [MERGE_ROWS, SPREAD, KP // SPREAD])
+        tl.store(kept_ptrs, best)
+        tl.store(cand_ptrs, tl.full([MERGE_ROWS, SPREAD, CAND // SPREAD], -1, tl.int64))
     tl.debug_barrier()
-    kth = tl.load(buf + tl.arange(0, BLOCK_M) * BUF + KP - 1)
-    thr = tl.where(kth >= 0, (kth >> 32).to(tl.int32).to(tl.float32, bitcast=True), -1.0)
-    return tl.where(row_mask, thr, float("inf"))
+    kth = tl.load(buf + (KP - 1) * BLOCK_M + prow)
+    value = tl.where(kth >= 0, (kth >> 32).to(tl.int32).to(tl.float32, bitcast=True), -float("inf"))
+    kth3 = tl.load(buf + (KP - 1) * BLOCK_M + prow3)
+    return tl.where(row3_mask, kth3, KEY_MAX), tl.where(row_mask, value, float("inf"))
+
+
+@triton.jit
+def _slots(first, n: tl.constexpr, SPREAD: tl.constexpr):
+    """Slots [first, first + n) as [1, SPREAD, n // SPREAD] (slot first + (n // SPREAD) a + b at [0, a, b])."""
+    return first + tl.arange(0, SPREAD)[None, :, None] * (n // SPREAD) + tl.arange(0, n // SPREAD)[None, None, :]
+
+
+@triton.jit
+def _by_lane(t, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, 4] -> [4, BLOCK_M // 2, 2], the (row, lane) entry at [lane, row % 8 + 8 (row // 16), row // 8 % 2]:
+    the order in which the wgmma accumulator layout spreads them (lane and row bits 0-2 over a warp's lanes,
+    the higher row bits over warps, row bit 3 in registers), which the append trips' gathers and scatters
+    also get, so they need no layout conversion."""
+    return tl.reshape(tl.permute(tl.reshape(t, [BLOCK_M // 16, 2, 8, 4]), [3, 0, 2, 1]), [4, BLOCK_M // 2, 2])
+
+
+@triton.jit
+def _stage(stage, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the tile acc [BLOCK_M, BLOCK_N] to stage, (row, 8 g + 2 q + e) at offset 8 BLOCK_M g +
+    4 BLOCK_M (row // 8 % 2) + 64 (row // 16) + 8 (row % 8) + 2 q + e. The tensor is stored as
+    [q, row % 8, row // 16, row // 8 % 2, g, e], which is how the wgmma accumulator layout holds it (lanes,
+    warps, registers) and how the store's coalesced layout orders it: the tile leaves its registers without
+    a layout conversion, two adjacent columns per store."""
+    q = tl.arange(0, 4)[:, None, None, None, None, None]
+    lo = tl.arange(0, 8)[None, :, None, None, None, None]
+    hi = tl.arange(0, BLOCK_M // 16)[None, None, :, None, None, None]
+    r3 = tl.arange(0, 2)[None, None, None, :, None, None]
+    g = tl.arange(0, BLOCK_N // 8)[None, None, None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, :]
+    offs = 8 * BLOCK_M * g + 4 * BLOCK_M * r3 + 64 * hi + 8 * lo + 2 * q + e
+    t = tl.reshape(acc, [BLOCK_M // 16, 2, 8, BLOCK_N // 8, 4, 2])
+    tl.store(stage + offs, tl.permute(t, [4, 2, 0, 1, 3, 5]))
+
+
+@triton.jit
+def _append(mask, fill, thr_key, stage_row, slots, col0, CHECK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One append trip: each (row, lane group) [4, BLOCK_M // 2, 2] appends its lowest qualifying column of
+    mask (tile column col0 + 8 g + e at bit 2 g + e) to its next candidate slot and clears its bit. CHECK:
+    only if the key still beats the row's KP-th key thr_key (a merge during the tile may have raised it;
+    without one, every entry of the mask beats it). Returns (mask, fill)."""
+    low = mask & -mask
+    has = low != 0
+    pos = (((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127) & 31  # log2(low)
+    value = tl.load(stage_row + (pos >> 1) * (8 * BLOCK_M) + (pos & 1), mask=has)
+    key = _pack(tl.maximum(value, 0.0), col0 + ((pos >> 1) << 3) + (pos & 1))
+    if CHECK:
+        has &= key > thr_key
+    tl.store(slots + fill * BLOCK_M, key, mask=has)
+    return mask ^ low, fill + has.to(tl.int32)
+
+
+@triton.jit
+def _max2(a, b, c, d):
+    return tl.maximum(a, c), tl.maximum(b, d)
+
+
+@triton.jit
+def _max3(t):
+    return tl.max(tl.max(tl.max(t, axis=2), axis=1), axis=0)
 
 
 @triton.jit
 def _topk_encode_kernel(
     x_ptr,  # [B, d]
     w_ptr,  # [n, d]
-    b_ptr,  # [n]
-    buf_ptr,  # [programs, BLOCK_M, BUF] int64, filled with -1: per-program top-KP + candidates, the output
-    stats_ptr,  # [programs, 3] int32 out (COUNT only): tiles, tiles that appended, merges
+    b_ptr,  # [n] fp32
+    buf_ptr,  # [programs, BUF, BLOCK_M] int64 (slot-major), filled with -1: per-program top-KP + candidates
+    stage_ptr,  # [programs, BLOCK_M, BLOCK_N] fp32 scratch: the tile being appended from
+    stats_ptr,  # [programs, 4] int32 out (COUNT only): tiles, append trips, trips of filling tiles, merges
     B,
     N,
     D,
@@ -70,9 +191,14 @@ def _topk_encode_kernel(
     stride_x,
     stride_w,
     HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr,  # every tile of every split is whole (no column masks)
     KP: tl.constexpr,
+    CAND: tl.constexpr,
     BUF: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
+    SPREAD: tl.constexpr,
+    LOG_KP: tl.constexpr,
+    LOG_CAND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -80,6 +206,10 @@ def _topk_encode_kernel(
     PRECISION: tl.constexpr,
     COUNT: tl.constexpr,
 ):
+    GROUPS: tl.constexpr = BLOCK_N // 8  # 8-column groups; a mask word holds 8 of them, 2 bits each
+    WORDS: tl.constexpr = (GROUPS + 7) // 8
+    PER_WORD: tl.constexpr = GROUPS // WORDS
+    SLOTS: tl.constexpr = CAND // 4  # candidate slots of one (row, lane group)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     program = pid_m * tl.num_programs(1) + pid_s
@@ -87,82 +217,141 @@ def _topk_encode_kernel(
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
     buf = buf_ptr + program.to(tl.int64) * (BLOCK_M * BUF)
-    row_slot = tl.arange(0, BLOCK_M) * BUF  # [BLOCK_M] each row's first slot
+    stage = stage_ptr + program.to(tl.int64) * (BLOCK_M * BLOCK_N)
+    tile_cols = tl.arange(0, BLOCK_N)
+    # Per (row, lane group) [4, BLOCK_M // 2, 2] (see _by_lane): its staged row and its candidate slots.
+    m = tl.arange(0, BLOCK_M // 2)[None, :, None]
+    row3 = m % 8 + 16 * (m // 8) + 8 * tl.arange(0, 2)[None, None, :]
+    row3_mask = pid_m * BLOCK_M + row3 < B
+    # The buffer holds row r in column (r % 2) BLOCK_M / 2 + r // 2 (see _merge).
+    prow3 = (row3 % 2) * (BLOCK_M // 2) + row3 // 2
+    prow = (tl.arange(0, BLOCK_M) % 2) * (BLOCK_M // 2) + tl.arange(0, BLOCK_M) // 2
+    lane = tl.arange(0, 4)[:, None, None]
+    # The staged tile (see _stage): the offset of the (row, lane)'s first column; column 8 g + 2 lane + e is
+    # 8 BLOCK_M g + e further.
+    stage_row = stage + 4 * BLOCK_M * (row3 // 8 % 2) + 64 * (row3 // 16) + 8 * (row3 % 8) + 2 * lane
+    slots = buf + (KP + lane * SLOTS) * BLOCK_M + prow3
+    # Bit 2 g + e of a group's word (g the 8-column group within the word) for a qualifying entry, plus 2^16
+    # to count it: summed over the entries one thread holds.
+    g = tl.arange(0, PER_WORD)[None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, None, :]
+    bit = (1 << (2 * g + e)) + 65536
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
-    tile_cols = tl.arange(0, BLOCK_N)
-    thr = tl.where(row_mask, -1.0, float("inf"))  # every entry qualifies until a row has KP keys
-    fill = tl.zeros([BLOCK_M], dtype=tl.int32)  # keys in a row's slots, counted in registers (one owner)
+    thr_key = tl.where(row3_mask, -1, KEY_MAX).to(tl.int64)  # every key qualifies until a row has KP keys
+    thr = tl.where(row_mask, -float("inf"), float("inf"))
+    fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
     tiles = 0
-    appended = 0
+    trips = 0
+    full_trips = 0
     merges = 0
     for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tile_cols
-        col_mask = cols < col_hi
-        cols64 = cols.to(tl.int64)
+        if EVEN_N:
+            col_mask = tl.full([BLOCK_N], 1, tl.int1)
+        else:
+            col_mask = cols < col_hi
         acc = tile_xwT(
-            x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, D, stride_x, stride_w,
+            x_ptr, w_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_x, stride_w,
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        # Columns past N (only the last tile: cols_per_split is a multiple of BLOCK_N) read f = 0 and may
+            if EVEN_N:
+                acc += tl.load(b_ptr + n0 + tile_cols)[None, :]
+            else:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        # Columns past N (only the last tile: cols_per_split is a multiple of BLOCK_N) read z = 0 and may
         # fill a row with fewer than KP columns; their keys rank below every real one (value 0, higher ids),
         # and the splits hold at least k real keys per row, so stage 2 never selects them.
-        f = tl.maximum(acc, 0.0)
+        take = tl.reshape(acc > thr[:, None], [BLOCK_M, WORDS, PER_WORD, 4, 2])
+        words = tl.sum(tl.sum(tl.where(take, bit, 0), axis=4), axis=2)  # [BLOCK_M, WORDS, 4]
+        if WORDS == 1:
+            words = tl.reshape(words, [BLOCK_M, 4])
+            mask = words & 0xFFFF
+            count = words >> 16
+        else:
+            lo, hi = tl.split(tl.permute(words, [0, 2, 1]))
+            mask = (lo & 0xFFFF) | (hi << 16)
+            count = (lo >> 16) + (hi >> 16)
+        mask = _by_lane(mask, BLOCK_M)
+        count = _by_lane(count, BLOCK_M)
         if COUNT:
             tiles += 1
-        if tl.max(tl.max(f, axis=1) - thr, axis=0) > 0:  # the common tile ends here
-            take = f > thr[:, None]
-            flags = take.to(tl.int32)
-            # Qualifying entries take a row's next free slots in column order.
-            slot = row_slot[:, None] + fill[:, None] + tl.cumsum(flags, axis=1) - 1
-            tl.store(buf + slot, _pack(f, cols[None, :]), mask=take)
-            fill += tl.sum(flags, axis=1)
-            if COUNT:
-                appended += 1
-            if tl.max(fill, axis=0) > BUF - BLOCK_N:  # the next tile might not fit
-                thr = _merge(buf, row_mask, KP, BUF, BLOCK_M, MERGE_ROWS)
-                fill = tl.minimum(fill, KP)
+        # One block-wide reduction: the most entries a lane group gains (the trips), and the fullest it gets.
+        trip_count, most = tl.reduce((count, fill + count), 2, _max2)
+        trip_count, most = tl.reduce((trip_count, most), 1, _max2)
+        trip_count, most = tl.reduce((trip_count, most), 0, _max2)
+        if trip_count > 0:  # some row gains an entry
+            _stage(stage, acc, BLOCK_M, BLOCK_N)
+            tl.debug_barrier()  # the staged tile is visible to every thread
+            if most <= SLOTS:  # no group fills up: the common tile
+                for _ in range(trip_count):
+                    mask, fill = _append(mask, fill, thr_key, stage_row, slots, n0 + 2 * lane, False, BLOCK_M)
                 if COUNT:
-                    merges += 1
-    _merge(buf, row_mask, KP, BUF, BLOCK_M, MERGE_ROWS)
+                    trips += trip_count
+            else:
+                for _ in range(trip_count):
+                    if _max3(fill) == SLOTS:
+                        thr_key, thr = _merge(
+                            buf, row_mask, prow, prow3, row3_mask, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP,
+                            LOG_CAND,
+                        )  # fmt: skip
+                        fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
+                        if COUNT:
+                            merges += 1
+                    mask, fill = _append(mask, fill, thr_key, stage_row, slots, n0 + 2 * lane, True, BLOCK_M)
+                if COUNT:
+                    full_trips += trip_count
+            tl.debug_barrier()  # every load of the staged tile is done before the next tile is staged
+    _merge(buf, row_mask, prow, prow3, row3_mask, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP, LOG_CAND)
     if COUNT:
-        tl.store(stats_ptr + program * 3, tiles)
-        tl.store(stats_ptr + program * 3 + 1, appended)
-        tl.store(stats_ptr + program * 3 + 2, merges)
+        tl.store(stats_ptr + program * 4, tiles)
+        tl.store(stats_ptr + program * 4 + 1, trips)
+        tl.store(stats_ptr + program * 4 + 2, full_trips)
+        tl.store(stats_ptr + program * 4 + 3, merges)
 
 
 def plan(B: int, n: int, d: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tile sizes, KP (k rounded up to a power of two), the buffer width BUF and the column split."""
+    """Tile sizes, KP (k rounded up to a power of two), the candidate slots CAND, the buffer width BUF and
+    the column split."""
     KP = max(4, triton.next_power_of_2(k))
     ieee = int(precision(dtype) == "ieee")
     cfg = split_plan("topk_encode", B, n, device, KP=KP, D=d, IEEE=ieee, BYTES=dtype.itemsize)
-    # Room for a tile past the KP kept keys and as many candidates again: a merge every ~KP appends per row.
-    BUF = triton.next_power_of_2(2 * KP + cfg["BLOCK_N"])
-    rows = SORT_ELEMENTS * cfg["num_warps"] // BUF
-    return cfg | {"KP": KP, "BUF": BUF, "MERGE_ROWS": max(1, min(cfg["BLOCK_M"], rows))}
+    if not 8 <= cfg["BLOCK_N"] <= MAX_BLOCK_N or cfg["BLOCK_M"] < 16:
+        raise ValueError(f"topk_encode: config needs BLOCK_M >= 16 and 8 <= BLOCK_N <= {MAX_BLOCK_N}, got {cfg}")
+    CAND = max(KP, 4 * 8)  # at least 8 slots per lane group
+    rows = min(cfg["BLOCK_M"], MERGE_KEYS // CAND)
+    return cfg | {
+        "KP": KP, "CAND": CAND, "BUF": KP + CAND, "MERGE_ROWS": rows, "LOG_KP": KP.bit_length() - 1,
+        "SPREAD": max(1, 32 * cfg["num_warps"] // rows),
+        "LOG_CAND": CAND.bit_length() - 1, "EVEN_N": n % cfg["BLOCK_N"] == 0,
+    }  # fmt: skip
 
 
 def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
     """x: [B, d], W: [n, d], b: [n] or None -> (values [B, k] x.dtype, indices [B, k] int32).
-    stats: None, or an int32 tensor that receives [programs, 3] loop counts (tiles, appends, merges)."""
+    stats: None, or an int32 tensor that receives [programs, 4] loop counts: tiles, append trips on tiles where
+    no lane group fills up, append trips on the others (which check for a merge before each), merges."""
     B, D = x.shape
     N = W.shape[0]
     cfg = plan(B, N, D, k, x.device, x.dtype)
     KP, S, BM = cfg["KP"], cfg["S"], cfg["BLOCK_M"]
     R = triton.cdiv(B, BM)
-    buf = torch.full((R * S, BM, cfg["BUF"]), -1, device=x.device, dtype=torch.int64)
+    buf = torch.full((R * S, cfg["BUF"], BM), -1, device=x.device, dtype=torch.int64)
+    stage = torch.empty(R * S, BM, cfg["BLOCK_N"], device=x.device, dtype=torch.float32)
     if stats is not None:
-        stats.resize_(R * S, 3)
+        stats.resize_(R * S, 4)
     _topk_encode_kernel[(R, S)](
-        x, W, b if b is not None else W, buf, stats if stats is not None else buf, B, N, D,
+        x, W, b.float() if b is not None else W, buf, stage, stats if stats is not None else buf, B, N, D,
         cfg["cols_per_split"], x.stride(0), W.stride(0),
-        HAS_BIAS=b is not None, KP=KP, BUF=cfg["BUF"], MERGE_ROWS=cfg["MERGE_ROWS"], BLOCK_M=BM,
+        HAS_BIAS=b is not None, EVEN_N=cfg["EVEN_N"], KP=KP, CAND=cfg["CAND"], BUF=cfg["BUF"],
+        MERGE_ROWS=cfg["MERGE_ROWS"], SPREAD=cfg["SPREAD"], LOG_KP=cfg["LOG_KP"], LOG_CAND=cfg["LOG_CAND"], BLOCK_M=BM,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
         COUNT=stats is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    cand = buf.view(R, S, BM, cfg["BUF"])[..., :KP].transpose(1, 2).reshape(R * BM, S * KP)[:B]
+    prow = torch.arange(BM, device=x.device)
+    prow = (prow % 2) * (BM // 2) + prow // 2  # row r's column in the buffer
+    cand = buf.view(R, S, cfg["BUF"], BM)[:, :, :KP, prow].permute(0, 3, 1, 2).reshape(R * BM, S * KP)[:B]
     keys = cand.topk(k, dim=1).values  # stage 2, sorted
     values, indices = torch_ops.unpack_keys(keys)
     return values.to(x.dtype), indices

@@ -7,7 +7,7 @@ from helpers import AllocationRecorder, assert_close, assert_topk
 
 import kernels
 from kernels import reference as R
-from kernels import torch_ops, validate
+from kernels import torch_ops, tuning, validate
 
 topk_encode_module = importlib.import_module("kernels.topk_encode")  # the package re-exports the function
 
@@ -278,9 +278,10 @@ def _adversarial(kind, B, d, n):
 
 @pytest.mark.parametrize("kind", ["rising", "falling", "ties", "zero-rows"])
 def test_adversarial_column_orders_exact(kind):
-    """The epilogue's thresholds and merges against a stable float64 sort: the same ids, ties to the lower id.
-    Rising columns make every tile append and merge; ties and zero rows test the id order."""
-    B, d, n, k = 5, 4, 160, 6  # 4 splits of 40 columns, tiles of 16, buffers of 32 slots: merges mid-range
+    """The epilogue's thresholds, append trips and merges against a stable float64 sort: the same ids, ties to
+    the lower id. Rising columns make every entry of every tile qualify, so lane groups fill mid-tile and
+    merge; ties and zero rows test the id order."""
+    B, d, n, k = 5, 4, 160, 6  # 4 splits of 40 columns, tiles of 16, 8 candidate slots per lane group
     x, W = _adversarial(kind, B, d, n)
     stats = torch.zeros(0, dtype=torch.int32)
     with kernels.use_backend("triton"):
@@ -289,7 +290,30 @@ def test_adversarial_column_orders_exact(kind):
     order = torch.sort(f, dim=1, descending=True, stable=True)
     assert indices.long().tolist() == order.indices[:, :k].tolist()
     assert_close(values, order.values[:, :k], torch.float32, "values")
-    tiles, appended, merges = stats.sum(0).tolist()
-    assert 0 < appended <= tiles
+    tiles, trips, full_trips, merges = stats.sum(0).tolist()
+    assert 0 < trips + full_trips
     if kind == "rising":
-        assert appended == tiles and merges > 0  # every tile beats the thresholds; buffers fill and merge
+        assert merges > 0 and full_trips > 0  # every entry beats the thresholds; lane groups fill and merge
+
+
+@pytest.mark.parametrize("kind", ["rising", "ties", "zero-rows", "gaussian"])
+def test_wide_tiles_exact(kind, monkeypatch):
+    """128-column tiles (the GPU's: two mask words per lane group) at k = 1, 4, 19 (4 to 32 kept keys, 8
+    candidate slots per lane group): on rising values every entry of a tile qualifies and a lane group fills
+    and merges several times within one tile; nothing may be dropped, ties go to the lower id."""
+    wide = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1, "programs": 2}
+    monkeypatch.setattr(tuning, "config", lambda op, **shape: dict(wide))
+    B, d, n = 3, 4, 300
+    if kind == "gaussian":
+        x, W, _, _ = make(B, d, n, torch.float32)
+    else:
+        x, W = _adversarial(kind, B, d, n)
+    for k in (1, 4, 19):
+        stats = torch.zeros(0, dtype=torch.int32)
+        with kernels.use_backend("triton"):
+            values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
+        order = torch.sort(ref_f(x, W, None), dim=1, descending=True, stable=True)
+        assert indices.long().tolist() == order.indices[:, :k].tolist()
+        assert_close(values, order.values[:, :k], torch.float32, "values")
+        if kind == "rising":
+            assert stats[:, 3].sum() > stats[:, 0].sum()  # more merges than tiles: several within a tile
