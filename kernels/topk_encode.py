@@ -3,21 +3,22 @@
 Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
 tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Keys are packed int64
 (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key orders by value, then by lower latent id. Each row
-keeps in a per-program buffer [BLOCK_M, BUF] (global memory, L2) its best KP keys (slots [0, KP),
-descending) and a candidate region, and in registers a threshold: the KP-th key and its value (-inf until
+keeps in a per-program buffer (global memory, L2) its best KP keys (descending) and CAND candidate slots,
+CAND / 4 for each of its 4 lane groups (the columns 8 g + 2 lane + e of a tile, as the wgmma accumulator
+layout gives them to one thread), and in registers its threshold: the KP-th key and its value (-inf until
 KP keys were seen). The epilogue of a tile:
-  1. one compare per element, f > thr, folded into per-(row, lane group) bit masks of the qualifying
-     columns and their counts (a sum over the columns one thread holds in the wgmma layout: no shuffles);
-  2. if any entry qualifies (one block-wide maximum), the tile is staged (a [BLOCK_M, BLOCK_N] scratch in
-     L2) and each (row, group) appends its qualifying entries, the lowest column first, one per trip, to
-     its own slots of the candidate region: a trip costs a few instructions per row, not per element;
-  3. when a group's slots are full, every row's candidates are merged into its top KP (a sort of the
-     candidates, then a bitonic merge with the kept keys) and the thresholds are re-read.
-An entry is appended only if its key beats the row's KP-th key, and columns are walked in ascending order,
-so the selection is exact (ties to the lower id) and nothing that belongs to the top KP is ever dropped.
+  1. one compare per element, z > thr, summed into a bit mask of the qualifying columns per (row, lane
+     group): over the columns one thread holds, so without shuffles;
+  2. if some row gains an entry (one block-wide maximum), the tile is staged in a per-program scratch (L2)
+     and each (row, lane group) appends its qualifying entries, lowest column first, one per trip, to its
+     candidate slots: a trip costs a few instructions per row, not per element;
+  3. when a lane group's slots are full, every row's candidates are sorted and merged with its kept keys
+     into its best KP (bitonic, in registers), and the thresholds are re-read.
+Only keys above a row's KP-th key are appended and columns are walked in ascending order, so the selection
+is exact (ties to the lower id); a full lane group merges before it appends, so nothing is dropped.
 Stage 2: top-k of the splits' KP candidates per row (torch.topk on the int64 keys), sorted.
-Largest temporaries: the buffers [programs, BLOCK_M, BUF], the staging [programs, BLOCK_M, BLOCK_N] and the
-candidates [B, splits, KP].
+Largest temporaries: the buffers [programs, KP + CAND, BLOCK_M], the staging [programs, BLOCK_M, BLOCK_N]
+and the candidates [B, splits, KP].
 
 k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select_torch).
 Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
@@ -38,14 +39,13 @@ from .sparse_decode import encoder_grads
 MAX_FUSED_KP = 256  # larger k runs the chunked path
 MAX_BLOCK_N = 128  # a lane group's qualifying columns fit one int32 mask
 MERGE_KEYS = 8192  # keys a merge step holds in registers (32 per thread at 8 warps)
-LANES = 4  # column groups of a tile: column 8 g + 2 lane + e (g < BLOCK_N / 8, e < 2), as wgmma lays out a row
 KEY_MAX = tl.constexpr(2**63 - 1)  # the threshold key of rows past B: nothing beats it
 
 
 @triton.jit
 def _pack(value, col):
     """int64 key of a non-negative fp32 value at column col: orders by value, then by lower column."""
-    return (value.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - col).to(tl.int64)
+    return (value.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - col).to(tl.uint32).to(tl.int64)
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def _stage(stage, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _append(mask, fill, thr_key, stage_row, slots, col0, CHECK: tl.constexpr, BLOCK_M: tl.constexpr):
+def _append(mask, fill, thr_key, stage, stage_row, buf, slots, col0, CHECK: tl.constexpr, BLOCK_M: tl.constexpr):
     """One append trip: each (row, lane group) [4, BLOCK_M // 2, 2] appends its lowest qualifying column of
     mask (tile column col0 + 8 g + e at bit 2 g + e) to its next candidate slot and clears its bit. CHECK:
     only if the key still beats the row's KP-th key thr_key (a merge during the tile may have raised it;
@@ -158,12 +158,21 @@ def _append(mask, fill, thr_key, stage_row, slots, col0, CHECK: tl.constexpr, BL
     low = mask & -mask
     has = low != 0
     pos = (((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127) & 31  # log2(low)
-    value = tl.load(stage_row + (pos >> 1) * (8 * BLOCK_M) + (pos & 1), mask=has)
+    value = tl.load(stage + (stage_row + (pos >> 1) * (8 * BLOCK_M) + (pos & 1)), mask=has)
     key = _pack(tl.maximum(value, 0.0), col0 + ((pos >> 1) << 3) + (pos & 1))
     if CHECK:
         has &= key > thr_key
-    tl.store(slots + fill * BLOCK_M, key, mask=has)
+    tl.store(buf + (slots + fill * BLOCK_M), key, mask=has)
     return mask ^ low, fill + has.to(tl.int32)
+
+
+@triton.jit
+def _popcount(v):
+    """Set bits of each int32 of v."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return (v * 0x01010101) >> 24 & 0x3F
 
 
 @triton.jit
@@ -219,7 +228,8 @@ def _topk_encode_kernel(
     buf = buf_ptr + program.to(tl.int64) * (BLOCK_M * BUF)
     stage = stage_ptr + program.to(tl.int64) * (BLOCK_M * BLOCK_N)
     tile_cols = tl.arange(0, BLOCK_N)
-    # Per (row, lane group) [4, BLOCK_M // 2, 2] (see _by_lane): its staged row and its candidate slots.
+    # Per (row, lane group) [4, BLOCK_M // 2, 2] (see _by_lane): its staged row and its candidate slots
+    # (int32 offsets from stage and buf).
     m = tl.arange(0, BLOCK_M // 2)[None, :, None]
     row3 = m % 8 + 16 * (m // 8) + 8 * tl.arange(0, 2)[None, None, :]
     row3_mask = pid_m * BLOCK_M + row3 < B
@@ -229,13 +239,13 @@ def _topk_encode_kernel(
     lane = tl.arange(0, 4)[:, None, None]
     # The staged tile (see _stage): the offset of the (row, lane)'s first column; column 8 g + 2 lane + e is
     # 8 BLOCK_M g + e further.
-    stage_row = stage + 4 * BLOCK_M * (row3 // 8 % 2) + 64 * (row3 // 16) + 8 * (row3 % 8) + 2 * lane
-    slots = buf + (KP + lane * SLOTS) * BLOCK_M + prow3
+    stage_row = 4 * BLOCK_M * (row3 // 8 % 2) + 64 * (row3 // 16) + 8 * (row3 % 8) + 2 * lane
+    slots = (KP + lane * SLOTS) * BLOCK_M + prow3
     # Bit 2 g + e of a group's word (g the 8-column group within the word) for a qualifying entry, plus 2^16
     # to count it: summed over the entries one thread holds.
     g = tl.arange(0, PER_WORD)[None, None, :, None, None]
     e = tl.arange(0, 2)[None, None, None, None, :]
-    bit = (1 << (2 * g + e)) + 65536
+    bit = 1 << (2 * g + e)
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, N)
     thr_key = tl.where(row3_mask, -1, KEY_MAX).to(tl.int64)  # every key qualifies until a row has KP keys
@@ -266,15 +276,12 @@ def _topk_encode_kernel(
         take = tl.reshape(acc > thr[:, None], [BLOCK_M, WORDS, PER_WORD, 4, 2])
         words = tl.sum(tl.sum(tl.where(take, bit, 0), axis=4), axis=2)  # [BLOCK_M, WORDS, 4]
         if WORDS == 1:
-            words = tl.reshape(words, [BLOCK_M, 4])
-            mask = words & 0xFFFF
-            count = words >> 16
+            mask = tl.reshape(words, [BLOCK_M, 4])
         else:
             lo, hi = tl.split(tl.permute(words, [0, 2, 1]))
-            mask = (lo & 0xFFFF) | (hi << 16)
-            count = (lo >> 16) + (hi >> 16)
+            mask = lo | (hi << 16)
         mask = _by_lane(mask, BLOCK_M)
-        count = _by_lane(count, BLOCK_M)
+        count = _popcount(mask)
         if COUNT:
             tiles += 1
         # One block-wide reduction: the most entries a lane group gains (the trips), and the fullest it gets.
@@ -286,7 +293,9 @@ def _topk_encode_kernel(
             tl.debug_barrier()  # the staged tile is visible to every thread
             if most <= SLOTS:  # no group fills up: the common tile
                 for _ in range(trip_count):
-                    mask, fill = _append(mask, fill, thr_key, stage_row, slots, n0 + 2 * lane, False, BLOCK_M)
+                    mask, fill = _append(
+                        mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, False, BLOCK_M
+                    )
                 if COUNT:
                     trips += trip_count
             else:
@@ -299,7 +308,9 @@ def _topk_encode_kernel(
                         fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
                         if COUNT:
                             merges += 1
-                    mask, fill = _append(mask, fill, thr_key, stage_row, slots, n0 + 2 * lane, True, BLOCK_M)
+                    mask, fill = _append(
+                        mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, True, BLOCK_M
+                    )
                 if COUNT:
                     full_trips += trip_count
             tl.debug_barrier()  # every load of the staged tile is done before the next tile is staged
