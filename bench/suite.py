@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import gc
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,7 +122,8 @@ def _prepare(op: str, cls: type[Provider], I: Inputs, probe) -> tuple[Callable[[
 
 
 def _measure(run: Run, op: str, cls: type[Provider], I: Inputs, probe, gemm_ms, copy_gbps) -> dict:
-    """CUDA: one provider's check, peak memory and do_bench timing."""
+    """CUDA: one provider's check, peak memory and do_bench timing; wall_s: what the case cost (its compiles too)."""
+    t0 = time.perf_counter()
     fn, peak = _prepare(op, cls, I, probe)
     ms, q20, q80 = measure.time_ms(fn, run.device)
     energy = measure.energy_j_per_call(fn, run.device)
@@ -134,6 +136,7 @@ def _measure(run: Run, op: str, cls: type[Provider], I: Inputs, probe, gemm_ms, 
         **_metrics(op, I, ms, gemm_ms, copy_gbps),
         "peak_mem_bytes": peak,
         "energy_j_per_token": None if energy is None else energy / I.shape.B,
+        "wall_s": round(time.perf_counter() - t0, 3),
     }
 
 

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -152,8 +153,10 @@ def run(
     try:
         for cfg in candidates:
             if budget.allows():
+                t0 = time.perf_counter()
                 with budget.case():
                     doc["results"].append(_try(op, cfg, call, want, n, doc["gemm"], device))
+                doc["results"][-1]["wall_s"] = round(time.perf_counter() - t0, 3)  # its compile included
             else:
                 doc["results"].append({"config": cfg, "skipped": budget.why_not()})
             if save:
