@@ -46,8 +46,8 @@ bench-full: $(VENV)/.installed
 # on an H100 with gpu-install (~1 min): it starts no new test, case or config once its budget is spent, records
 # what it skipped, and writes its JSON as it goes, so a call cut short still leaves results (bench/NOTES.md,
 # "GPU targets: budget").
-GPU_TEST_BUDGET_S ?= 400
-GPU_TEST_TIMEOUT_S ?= 90
+GPU_TEST_BUDGET_S ?= 380
+GPU_TEST_TIMEOUT_S ?= 120
 GPU_BENCH_BUDGET_S ?= 460
 GPU_TUNE_BUDGET_S ?= 460
 
