@@ -3,10 +3,13 @@
 Two halves, both measured, not assumed:
   static  SASS instructions per warp of each part of the tile loop, from the committed static profiles
           (tests/compile_check.py via `make compile-check`): today's kernel (baseline-41865da.json, the
-          insertion loop of main at 41865da) and the new one (profile.json, threshold + candidate buffer).
+          insertion loop of main at 41865da) and the new one (profile.json, bit masks + append trips +
+          candidate merges).
   trips   how often each part runs per tile, at the reference split (one program's column range: 65536
-          columns, BLOCK_M rows), on Gaussian pre-activations (d = 16: sums of 16 products). New kernel: its
-          own constexpr-gated counters, the kernel run in the Triton interpreter at the GPU tile config.
+          columns, BLOCK_M rows), on two kinds of pre-activations: Gaussian (d = 16: sums of 16 products) and
+          those of a trained TopK SAE (65536 latents, k = 64, d = 64, trained for a few hundred steps on
+          sae.synthetic activations; its reconstruction quality is in the JSON). New kernel: its own
+          constexpr-gated counters, the kernel run in the Triton interpreter at the GPU tile config.
           Baseline: a replay of its loop in PyTorch (per tile, the insertion loop runs max over rows of the
           entries that enter the row's top-KP, plus the final test).
 Prediction: epilogue cycles per 128x128 tile of output (8 warps on 4 schedulers: 2 issue cycles per warp
@@ -29,6 +32,7 @@ STATIC = Path(__file__).resolve().parent / "results" / "static"
 REF_COLS = 65536  # one program's columns: n = 131072 over S = 2 splits (64 row blocks of 128 on 132 SMs)
 KP = 64
 D_SMALL = 16
+SAE_D, SAE_STEPS, SAE_BATCH, SAE_LR = 64, 400, 512, 2e-3  # the trained SAE (~30 s on 2 cores)
 MAINLOOP = (1.2, 1.35)  # the pointer cp.async main loop against cuBLAS (issue 14, item 6; not yet measured)
 WGMMA_CYCLES = 128 * 128 * 4096 * 2 / 4096  # one 128x128 output tile at d = 4096, bf16 dense
 
@@ -49,20 +53,23 @@ def _line_of(text: str, needle: str) -> int:
 
 
 def static_new(profile: dict, source: str) -> dict:
-    """Instructions per warp: the common tile, the append, one merge (its sort loop run BLOCK_M / MERGE_ROWS
-    times), from the tile loop's per-line counts (library code counted at its call site)."""
-    tile, sort = profile["loops"][0], profile["loops"][2]
+    """Instructions per warp of the new kernel's parts, from its SASS loops and their per-line counts (library
+    code counted at its call site): the common tile (the tile loop less the GEMM's per-tile code), one append
+    trip, one trip of a tile where a lane group may fill up (its merge check, without the merge), and one merge
+    (the lines of _merge and its sort, inlined in that loop; the final merge after the tile loop is the same
+    code)."""
+    merge_lines = (_line_of(source, "def _compare_swap("), _line_of(source, "def _by_lane(") - 1)
+    append_line = _line_of(source, "low = mask & -mask")
+    tile = profile["loops"][0]
+    common_trip, full_trip = sorted(
+        (lp for lp in profile["loops"] if f"topk_encode.py:{append_line}" in lp["lines"]),
+        key=lambda lp: lp["instructions"],
+    )
+    merge = _lines(full_trip, *merge_lines)
     gemm_lines = sum(c for key, c in tile["lines"].items() if key.startswith("gemm.py"))
-    start = _line_of(source, "if tl.max(tl.max(f, axis=1) - thr")
-    merge_at = _line_of(source, "if tl.max(fill, axis=0) > BUF - BLOCK_N")
-    end = _line_of(source, "merges += 1")
-    merge_fn = (_line_of(source, "def _merge("), _line_of(source, "return tl.where(row_mask, thr"))
-    append = _lines(tile, start + 1, merge_at - 1)
-    merge = _lines(tile, merge_at, end) + _lines(tile, *merge_fn)
-    common = tile["instructions"] - gemm_lines - append - merge
-    trips = profile["constexprs"]["BLOCK_M"] // profile["constexprs"]["MERGE_ROWS"]
-    return {"common": common, "append": append, "merge": merge + trips * sort["instructions"],
-            "gemm_outside_k_loop": gemm_lines, "BLOCK_N": profile["constexprs"]["BLOCK_N"]}  # fmt: skip
+    return {"common": tile["instructions"] - gemm_lines, "trip": common_trip["instructions"],
+            "full_trip": full_trip["instructions"] - merge, "merge": merge, "gemm_outside_k_loop": gemm_lines,
+            "BLOCK_N": profile["constexprs"]["BLOCK_N"]}  # fmt: skip
 
 
 def static_old(profile: dict) -> dict:
@@ -72,43 +79,85 @@ def static_old(profile: dict) -> dict:
             "gemm_outside_k_loop": gemm_lines, "BLOCK_N": profile["constexprs"]["BLOCK_N"]}  # fmt: skip
 
 
-def preactivations(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """(x [rows, D_SMALL], W [cols, D_SMALL], no bias): x W^T has unit-variance Gaussian entries."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, D_SMALL, generator=g), torch.randn(cols, D_SMALL, generator=g) / D_SMALL**0.5
+    return torch.randn(rows, D_SMALL, generator=g), torch.randn(cols, D_SMALL, generator=g) / D_SMALL**0.5, None
 
 
-def trips_new(cfg: dict, cols: int, seed: int = 0) -> dict:
-    """The new kernel's own counters (tiles, appends, merges) for one program over `cols` columns."""
+def trained_sae(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """A TopK SAE with `cols` latents and k = KP trained briefly on synthetic activations (d = SAE_D, 2048 true
+    features, 32 active per token) -> (centred normalised inputs [rows, d] of fresh tokens, W_enc, b_enc, its
+    evaluation): the encoder's inputs as the kernel sees them."""
+    from sae.synthetic import SyntheticActivations, SyntheticSource
+    from sae.topk import TopKSAE
+    from sae.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(seed)
+    gen = SyntheticActivations(SAE_D, 2048, 32, correlation=0.2, noise=0.05, seed=seed)
+    model = TopKSAE(SAE_D, cols, KP)
+    cfg = TrainConfig(steps=SAE_STEPS, lr=SAE_LR, lr_warmup_steps=10, stats_tokens=1024, eval_tokens=1024,
+                      checkpoint_every=0, log_every=SAE_STEPS, progress=False, seed=seed)  # fmt: skip
+    out = Trainer(model, SyntheticSource(gen, SAE_BATCH, seed=seed), cfg).fit()
+    with torch.no_grad():
+        x = model.normalize(gen.sample(rows, torch.Generator().manual_seed(seed + 1))[0])
+        W, b, _ = model._weights()
+        centre = model._centre()
+        x = x if centre is None else x - centre
+    quality = {k: round(float(out["eval"][k]), 4) for k in ("fvu", "l0", "dead_fraction_train")}
+    return x, W.detach(), b.detach(), {"steps": SAE_STEPS, "d": SAE_D, "latents": cols} | quality
+
+
+def trips_new(cfg: dict, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> dict:
+    """The new kernel's own counters (tiles, append trips, trips of filling tiles, merges) for one program:
+    x [BLOCK_M, d] against all of W [cols, d]."""
     import importlib
 
     from bench.tune import launch_config
 
     topk_encode = importlib.import_module("kernels.topk_encode")
-    x, W = preactivations(cfg["BLOCK_M"], cols, seed)
     stats = torch.zeros(0, dtype=torch.int32)
     keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-    with launch_config("topk_encode", {k: cfg[k] for k in keys} | {"BLOCK_K": D_SMALL, "programs": 1}):
-        topk_encode.topk_select_triton(x, W, None, KP, stats=stats)
-    tiles, appended, merges = stats[0].tolist()
-    return {"tiles": tiles, "append_per_tile": appended / tiles, "merges_per_tile": merges / tiles}
+    with launch_config("topk_encode", {k: cfg[k] for k in keys} | {"BLOCK_K": 16, "programs": 1}):
+        topk_encode.topk_select_triton(x, W, b, KP, stats=stats)
+    tiles, trips, full_trips, merges = stats[0].tolist()
+    return {"tiles": tiles, "trips_per_tile": trips / tiles, "full_trips_per_tile": full_trips / tiles,
+            "merges_per_tile": merges / tiles}  # fmt: skip
 
 
-def trips_old(block_m: int, block_n: int, cols: int, seed: int = 0) -> dict:
+def trips_old(block_n: int, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> dict:
     """Replay of today's insertion loop: per tile, trips = max over rows of the tile's entries that enter the
     row's top-KP (the loop inserts them one per trip; its first test is part of the tile)."""
-    x, W = preactivations(block_m, cols, seed)
-    f = torch.relu(x @ W.T)
-    best = torch.full((block_m, KP), -1.0)
+    f = torch.relu(x @ W.T + (0 if b is None else b))
+    best = torch.full((x.shape[0], KP), -1.0)
     trips = []
-    for n0 in range(0, cols, block_n):
-        tile = f[:, n0 : n0 + block_n]
-        merged = torch.cat([best, tile], 1)  # ties: earlier (lower) columns first, as the keys order them
-        top = torch.topk(merged, KP, dim=1, sorted=True, largest=True)
-        # stable tie order: prefer lower positions (best before the tile, lower columns first)
-        order = torch.sort(-merged, dim=1, stable=True).indices[:, :KP]
+    for n0 in range(0, W.shape[0], block_n):
+        merged = torch.cat([best, f[:, n0 : n0 + block_n]], 1)  # ties: earlier (lower) columns first
+        order = torch.sort(-merged, dim=1, stable=True).indices[:, :KP]  # stable: lower positions first
         trips.append(int((order >= KP).sum(1).max()))
-        best = top.values
+        best = merged.gather(1, order)
     return {"tiles": len(trips), "trips_per_tile": sum(trips) / len(trips), "first_tiles": trips[:4]}
+
+
+def predict(old_s: dict, new_s: dict, old_t: dict, new_t: dict) -> dict:
+    """Instructions per warp per 128x128 output tile (the kernels' tiles are 128 x BLOCK_N), the epilogue's
+    cycles against the tile's wgmma cycles, and encode / GEMM for the main-loop range."""
+    per_old = (128 / old_s["BLOCK_N"]) * (old_s["common"] + old_t["trips_per_tile"] * old_s["trip"])
+    per_new = (128 / new_s["BLOCK_N"]) * (
+        new_s["common"]
+        + new_t["trips_per_tile"] * new_s["trip"]
+        + new_t["full_trips_per_tile"] * new_s["full_trip"]
+        + new_t["merges_per_tile"] * new_s["merge"]
+        + new_s["merge"] / new_t["tiles"]  # the final merge
+    )
+    out = {}
+    for name, trips, per in (("baseline_41865da", old_t, per_old), ("new", new_t, per_new)):
+        ratio = 2 * per / WGMMA_CYCLES
+        out[name] = {"trips": trips, "instructions_per_warp_per_128x128_tile": round(per),
+                     "epilogue_over_wgmma": round(ratio, 3),
+                     "encode_over_gemm": [round(m * (1 + ratio), 2) for m in MAINLOOP]}  # fmt: skip
+    out["new_over_baseline"] = round(per_new / per_old, 3)
+    return out
 
 
 def main() -> int:
@@ -117,20 +166,14 @@ def main() -> int:
     source = (Path(__file__).resolve().parents[1] / "kernels" / "topk_encode.py").read_text()
     new_s, old_s = static_new(new_p, source), static_old(old_p)
     cfg = new_p["constexprs"] | {"num_warps": new_p["num_warps"], "num_stages": new_p["num_stages"]}
-    new_t = trips_new(cfg, REF_COLS)
-    old_t = trips_old(old_p["constexprs"]["BLOCK_M"], old_s["BLOCK_N"], REF_COLS)
-    # Per warp per 128x128 output tile (the new kernel's tiles are 128 x BLOCK_N).
-    per_old = (128 / old_s["BLOCK_N"]) * (old_s["common"] + old_t["trips_per_tile"] * old_s["trip"])
-    per_new = (128 / new_s["BLOCK_N"]) * (
-        new_s["common"] + new_t["append_per_tile"] * new_s["append"] + new_t["merges_per_tile"] * new_s["merge"]
-    )
-    result = {"reference": "B=8192 d=4096 n=131072 k=64 bf16, one program's 65536 columns, Gaussian"}
-    for name, static, trips, per in (("baseline_41865da", old_s, old_t, per_old), ("new", new_s, new_t, per_new)):
-        ratio = 2 * per / WGMMA_CYCLES
-        result[name] = {"static": static, "trips": trips, "instructions_per_warp_per_128x128_tile": round(per),
-                        "epilogue_over_wgmma": round(ratio, 3),
-                        "encode_over_gemm": [round(m * (1 + ratio), 2) for m in MAINLOOP]}  # fmt: skip
-    result["new_over_baseline"] = round(per_new / per_old, 3)
+    rows = cfg["BLOCK_M"]
+    *sae_inputs, quality = trained_sae(rows, REF_COLS)
+    result = {"reference": "B=8192 d=4096 n=131072 k=64 bf16, one program's 65536 columns",
+              "static": {"baseline_41865da": old_s, "new": new_s}}  # fmt: skip
+    for name, inputs in (("gaussian", gaussian(rows, REF_COLS)), ("trained_sae", sae_inputs)):
+        old_t = trips_old(old_s["BLOCK_N"], *inputs)
+        result[name] = predict(old_s, new_s, old_t, trips_new(cfg, *inputs))
+    result["trained_sae"]["sae"] = quality
     (STATIC / "model.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0
