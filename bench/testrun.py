@@ -71,7 +71,7 @@ class TestRun:
             return  # a passing setup or teardown adds nothing to the call's record
         entry = self.tests.setdefault(report.nodeid, {"id": report.nodeid})  # a failed teardown: "error"
         entry.update(outcome=outcome, duration_s=round(report.duration, 3))
-        if report.skipped and isinstance(report.longrepr, tuple):
+        if report.skipped and isinstance(report.longrepr, (tuple, list)):  # (path, line, reason); a list via xdist
             entry["reason"] = report.longrepr[2].removeprefix("Skipped: ")
         if report.failed or time.monotonic() - self.written >= WRITE_EVERY_S:
             self.write(complete=False)
