@@ -485,3 +485,10 @@ def test_testrun_plugin_skips_past_its_budget_and_writes_json_as_it_goes(tmp_pat
     assert outcomes == want
     assert doc["tests"][-1]["reason"].startswith("time budget of 6 s")
     assert doc["complete"] and doc["exitstatus"] == 1 and doc["counts"] == {"failed": 1, "passed": 2, "skipped": 1}
+
+
+def test_tune_candidates_fit_the_topk_encoder():
+    from bench import tune
+    from kernels.topk_encode import MAX_BLOCK_N
+
+    assert all(c["BLOCK_N"] <= MAX_BLOCK_N and c["BLOCK_M"] >= 16 for c in tune.CANDIDATES["topk_encode"])

@@ -41,11 +41,12 @@ def _configs(tiles) -> list[dict]:
     return [dict(zip(keys, t), waves=1) for t in tiles]
 
 
-# Candidates for the GPU; each is tried as given (kernels/configs holds the current choice).
+# Candidates for the GPU; each is tried as given (kernels/configs holds the current choice). The TopK
+# encoder takes BLOCK_N <= topk_encode.MAX_BLOCK_N (a lane group's columns fill one int32 mask).
 CANDIDATES = {
     "topk_encode": _configs([
         (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
+        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 2), (128, 128, 128, 8, 2),
         (128, 128, 32, 8, 4), (256, 64, 64, 8, 3),
     ]),
     "threshold_encode": _configs([
