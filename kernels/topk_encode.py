@@ -133,20 +133,20 @@ def _by_lane(t, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _stage(stage, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the tile acc [BLOCK_M, BLOCK_N] to stage, (row, 8 g + 2 q + e) at offset 8 BLOCK_M g +
-    4 BLOCK_M (row // 8 % 2) + 64 (row // 16) + 8 (row % 8) + 2 q + e. The tensor is stored as
-    [q, row % 8, row // 16, row // 8 % 2, g, e], which is how the wgmma accumulator layout holds it (lanes,
-    warps, registers) and how the store's coalesced layout orders it: the tile leaves its registers without
-    a layout conversion, two adjacent columns per store."""
+    """Store the tile acc [BLOCK_M, BLOCK_N] to stage, (row, 16 h + 8 u + 2 q + e) at offset 16 BLOCK_M h +
+    8 BLOCK_M (row // 8 % 2) + 128 (row // 16) + 16 (row % 8) + 4 q + 2 u + e. The tensor is stored as
+    [q, row % 8, row // 16, row // 8 % 2, h, 2 u + e], which is how the wgmma accumulator layout holds it
+    (lanes, warps, registers) and how the store's coalesced layout orders it: the tile leaves its registers
+    without a layout conversion, four columns per store."""
     q = tl.arange(0, 4)[:, None, None, None, None, None]
     lo = tl.arange(0, 8)[None, :, None, None, None, None]
     hi = tl.arange(0, BLOCK_M // 16)[None, None, :, None, None, None]
     r3 = tl.arange(0, 2)[None, None, None, :, None, None]
-    g = tl.arange(0, BLOCK_N // 8)[None, None, None, None, :, None]
-    e = tl.arange(0, 2)[None, None, None, None, None, :]
-    offs = 8 * BLOCK_M * g + 4 * BLOCK_M * r3 + 64 * hi + 8 * lo + 2 * q + e
-    t = tl.reshape(acc, [BLOCK_M // 16, 2, 8, BLOCK_N // 8, 4, 2])
-    tl.store(stage + offs, tl.permute(t, [4, 2, 0, 1, 3, 5]))
+    h = tl.arange(0, BLOCK_N // 16)[None, None, None, None, :, None]
+    ue = tl.arange(0, 4)[None, None, None, None, None, :]
+    offs = 16 * BLOCK_M * h + 8 * BLOCK_M * r3 + 128 * hi + 16 * lo + 4 * q + ue
+    t = tl.permute(tl.reshape(acc, [BLOCK_M // 16, 2, 8, BLOCK_N // 16, 2, 4, 2]), [5, 2, 0, 1, 3, 4, 6])
+    tl.store(stage + offs, tl.reshape(t, [4, 8, BLOCK_M // 16, 2, BLOCK_N // 16, 4]))
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def _append(mask, fill, thr_key, stage, stage_row, buf, slots, col0, CHECK: tl.c
     low = mask & -mask
     has = low != 0
     pos = (((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127) & 31  # log2(low)
-    value = tl.load(stage + (stage_row + (pos >> 1) * (8 * BLOCK_M) + (pos & 1)), mask=has)
+    value = tl.load(stage + (stage_row + (pos >> 2) * (16 * BLOCK_M) + (pos & 3)), mask=has)
     key = _pack(tl.maximum(value, 0.0), col0 + ((pos >> 1) << 3) + (pos & 1))
     if CHECK:
         has &= key > thr_key
@@ -237,9 +237,9 @@ def _topk_encode_kernel(
     prow3 = (row3 % 2) * (BLOCK_M // 2) + row3 // 2
     prow = (tl.arange(0, BLOCK_M) % 2) * (BLOCK_M // 2) + tl.arange(0, BLOCK_M) // 2
     lane = tl.arange(0, 4)[:, None, None]
-    # The staged tile (see _stage): the offset of the (row, lane)'s first column; column 8 g + 2 lane + e is
-    # 8 BLOCK_M g + e further.
-    stage_row = 4 * BLOCK_M * (row3 // 8 % 2) + 64 * (row3 // 16) + 8 * (row3 % 8) + 2 * lane
+    # The staged tile (see _stage): the offset of the (row, lane)'s first column; column 16 h + 2 lane + p
+    # (p = 8 u + e, bit 4 h + 2 u + e of the mask) is 16 BLOCK_M h + 2 u + e further.
+    stage_row = 8 * BLOCK_M * (row3 // 8 % 2) + 128 * (row3 // 16) + 16 * (row3 % 8) + 4 * lane
     slots = (KP + lane * SLOTS) * BLOCK_M + prow3
     # Bit 2 g + e of a group's word (g the 8-column group within the word) for a qualifying entry, plus 2^16
     # to count it: summed over the entries one thread holds.
@@ -328,8 +328,8 @@ def plan(B: int, n: int, d: int, k: int, device: torch.device, dtype: torch.dtyp
     KP = max(4, triton.next_power_of_2(k))
     ieee = int(precision(dtype) == "ieee")
     cfg = split_plan("topk_encode", B, n, device, KP=KP, D=d, IEEE=ieee, BYTES=dtype.itemsize)
-    if not 8 <= cfg["BLOCK_N"] <= MAX_BLOCK_N or cfg["BLOCK_M"] < 16:
-        raise ValueError(f"topk_encode: config needs BLOCK_M >= 16 and 8 <= BLOCK_N <= {MAX_BLOCK_N}, got {cfg}")
+    if not 16 <= cfg["BLOCK_N"] <= MAX_BLOCK_N or cfg["BLOCK_M"] < 16:
+        raise ValueError(f"topk_encode: config needs BLOCK_M >= 16 and 16 <= BLOCK_N <= {MAX_BLOCK_N}, got {cfg}")
     CAND = max(KP, 4 * 8)  # at least 8 slots per lane group
     rows = min(cfg["BLOCK_M"], MERGE_KEYS // CAND)
     return cfg | {
