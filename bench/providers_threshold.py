@@ -32,7 +32,9 @@ def _densify(code: SparseCode, n: int) -> torch.Tensor:
 
 
 class _OursFamily(SAEProvider):
-    """An `sae` class over the shared weights: its fused encoder, its loss, and `model(x)`."""
+    """An `sae` class over the shared weights: its fused encoder, its loss, and `model(x)`. The encode cases
+    call the op with the class's EncodeHints, carried from call to call as the class does: the capacity
+    learnt from the warm-up call, not a first guess that a row may overflow (a second pass)."""
 
     def dense(self, code):
         n = self.p.W_enc.shape[0]
@@ -76,7 +78,7 @@ class OursReLU(_ReLUParams, _OursFamily):
         return ReLUSAE(d, n, l1_coeff=SPARSITY_COEFF, dtype=dtype, device="meta")
 
     def encode(self, x):
-        return kernels.relu_encode(x, self.p.W_enc, self.fam.b_relu, b_dec=self.p.b_dec)
+        return kernels.relu_encode(x, self.p.W_enc, self.fam.b_relu, b_dec=self.p.b_dec, hints=self.model.hints)
 
 
 class OursJumpReLU(_JumpReLUParams, _OursFamily):
@@ -87,7 +89,8 @@ class OursJumpReLU(_JumpReLUParams, _OursFamily):
 
     def encode(self, x):
         p = self.p
-        return kernels.jumprelu_encode(x, p.W_enc, p.b_enc, self.fam.threshold, bandwidth=BANDWIDTH, b_dec=p.b_dec)
+        h, th = self.model.hints, self.fam.threshold
+        return kernels.jumprelu_encode(x, p.W_enc, p.b_enc, th, bandwidth=BANDWIDTH, b_dec=p.b_dec, hints=h)
 
 
 class OursGated(_GatedParams, _OursFamily):
@@ -97,8 +100,8 @@ class OursGated(_GatedParams, _OursFamily):
         return GatedSAE(d, n, l1_coeff=SPARSITY_COEFF, dtype=dtype, device="meta")
 
     def encode(self, x):
-        f = self.fam
-        return kernels.gated_encode(x, self.p.W_enc, f.b_gate, f.r_mag, f.b_mag, b_dec=self.p.b_dec)
+        f, h = self.fam, self.model.hints
+        return kernels.gated_encode(x, self.p.W_enc, f.b_gate, f.r_mag, f.b_mag, b_dec=self.p.b_dec, hints=h)
 
 
 class OursBatchTopK(_OursFamily):
@@ -114,7 +117,7 @@ class OursBatchTopK(_OursFamily):
 
     def encode(self, x):
         p = self.p
-        return kernels.batch_topk_encode(x, p.W_enc, p.b_enc, p.k, b_dec=p.b_dec)
+        return kernels.batch_topk_encode(x, p.W_enc, p.b_enc, p.k, b_dec=p.b_dec, hints=self.model.hints)
 
 
 class _OursGlobal(_OursFamily):
