@@ -40,6 +40,18 @@ CUDA_BUDGET = 1 << 28  # 1 GiB of fp32 S on a GPU: at B = 8192, k = 64, d = 4096
 
 
 @triton.jit
+def _residuals(r0_ptr, w_ptr, row, stride_r, stride_w, v, i, live, d0, D, BLOCK_D: tl.constexpr):
+    """The [BLOCK_D] tile of d from column d0 of a row whose slots hold values v and ids i [SLOTS]: (cols,
+    col_mask, r0 [BLOCK_D], W[i] [SLOTS, BLOCK_D] fp32, the residuals r_{j+1} = r0 - sum_{t <= j} v_t W[i_t])."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    r0 = tl.load(r0_ptr + row * stride_r + cols, col_mask, 0.0).to(tl.float32)
+    w = tl.load(w_ptr + i[:, None] * stride_w + cols[None, :], live[:, None] & col_mask[None, :], 0.0)
+    w = w.to(tl.float32)
+    return cols, col_mask, r0, w, r0[None, :] - tl.cumsum(v[:, None] * w, axis=0)
+
+
+@triton.jit
 def _prefix_fwd_kernel(
     val_ptr,  # [B, K]
     idx_ptr,  # [B, K] int32
@@ -69,16 +81,11 @@ def _prefix_fwd_kernel(
     e = tl.zeros([SLOTS], dtype=tl.float32)
     e0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     for d0 in range(split * BLOCK_D, D, tl.num_programs(1) * BLOCK_D):  # this split's tiles of d
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        r0 = tl.load(r0_ptr + row * stride_r + cols, col_mask, 0.0).to(tl.float32)
-        w = tl.load(w_ptr + i[:, None] * stride_w + cols[None, :], live[:, None] & col_mask[None, :], 0.0)
-        u = v[:, None] * w.to(tl.float32)  # u_j = v_j W[i_j]
-        r = r0[None, :] - tl.cumsum(u, axis=0)  # r_{j+1}
+        cols, col_mask, r0, w, r = _residuals(r0_ptr, w_ptr, row, stride_r, stride_w, v, i, live, d0, D, BLOCK_D)
         e += tl.sum(r * r, axis=1)
         e0 += r0 * r0
         if WRITE_REST:
-            tl.store(rest_ptr + row * stride_rest + cols, r0 - tl.sum(u, axis=0), col_mask)
+            tl.store(rest_ptr + row * stride_rest + cols, r0 - tl.sum(v[:, None] * w, axis=0), col_mask)
     out = out_ptr + row * stride_ob + split * stride_os
     tl.store(out, tl.sum(e0, axis=0))
     tl.store(out + 1 + slots, e, live)
@@ -122,12 +129,7 @@ def _prefix_bwd_kernel(
     g0 = tl.load(g_ptr + row * stride_g)
     dv = tl.zeros([SLOTS], dtype=tl.float32)
     for d0 in range(split * BLOCK_D, D, tl.num_programs(1) * BLOCK_D):  # this split's tiles of d
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        r0 = tl.load(r0_ptr + row * stride_r + cols, col_mask, 0.0).to(tl.float32)
-        w = tl.load(w_ptr + i[:, None] * stride_w + cols[None, :], live[:, None] & col_mask[None, :], 0.0)
-        w = w.to(tl.float32)
-        r = r0[None, :] - tl.cumsum(v[:, None] * w, axis=0)  # r_{j+1}
+        cols, col_mask, r0, w, r = _residuals(r0_ptr, w_ptr, row, stride_r, stride_w, v, i, live, d0, D, BLOCK_D)
         gr = g[:, None] * r  # G_{j+1} r_{j+1}
         s = tl.cumsum(gr, axis=0, reverse=True)  # S_j = sum_{t > j} G_t r_t
         tail = tl.sum(gr, axis=0)  # S_{-1}: every G_t r_t with t >= 1
