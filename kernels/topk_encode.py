@@ -1,6 +1,7 @@
 """Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
 
-Stage 1 (Triton): a grid of (row blocks) x (column splits). Each program walks its column range tile by
+Stage 1 (Triton): (row blocks) x (column splits) programs, launched in `gemm.grouped_item` order (each wave
+shares a group of row blocks of x in L2; `gemm.split_plan`). Each program walks its column range tile by
 tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Keys are packed int64
 (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key orders by value, then by lower latent id. Each row
 keeps in a per-program buffer (global memory, L2) its best KP keys (descending) and CAND candidate slots,
@@ -33,7 +34,7 @@ import triton.language as tl
 from . import torch_ops, validate
 from .backend import INTERPRET, resolve
 from .code import SparseCode
-from .gemm import precision, split_plan, tile_xwT
+from .gemm import grouped_item, precision, split_plan, tile_xwT
 from .sparse_decode import encoder_grads
 
 MAX_FUSED_KP = 256  # larger k runs the chunked path
@@ -197,6 +198,7 @@ def _topk_encode_kernel(
     N,
     D,
     cols_per_split,
+    group_rows,
     stride_x,
     stride_w,
     HAS_BIAS: tl.constexpr,
@@ -219,9 +221,9 @@ def _topk_encode_kernel(
     WORDS: tl.constexpr = (GROUPS + 7) // 8
     PER_WORD: tl.constexpr = GROUPS // WORDS
     SLOTS: tl.constexpr = CAND // 4  # candidate slots of one (row, lane group)
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    program = pid_m * tl.num_programs(1) + pid_s
+    S = tl.cdiv(N, cols_per_split)
+    pid_m, pid_s = grouped_item(tl.program_id(0), tl.cdiv(B, BLOCK_M), S, group_rows)
+    program = pid_m * S + pid_s
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
@@ -352,9 +354,9 @@ def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
     stage = torch.empty(R * S, BM, cfg["BLOCK_N"], device=x.device, dtype=torch.float32)
     if stats is not None:
         stats.resize_(R * S, 4)
-    _topk_encode_kernel[(R, S)](
+    _topk_encode_kernel[(R * S,)](
         x, W, b.float() if b is not None else W, buf, stage, stats if stats is not None else buf, B, N, D,
-        cfg["cols_per_split"], x.stride(0), W.stride(0),
+        cfg["cols_per_split"], cfg["group_rows"], x.stride(0), W.stride(0),
         HAS_BIAS=b is not None, EVEN_N=cfg["EVEN_N"], KP=KP, CAND=cfg["CAND"], BUF=cfg["BUF"],
         MERGE_ROWS=cfg["MERGE_ROWS"], SPREAD=cfg["SPREAD"], LOG_KP=cfg["LOG_KP"], LOG_CAND=cfg["LOG_CAND"], BLOCK_M=BM,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
