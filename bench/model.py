@@ -64,7 +64,8 @@ def static_new(profile: dict, source: str) -> dict:
     code)."""
     merge_lines = (_line_of(source, "def _compare_swap("), _line_of(source, "def _by_lane(") - 1)
     append_line = _line_of(source, "low = mask & -mask")
-    tile = profile["loops"][0]
+    tile_line = _line_of(source, "for n0 in range(col_lo, col_hi, BLOCK_N):")
+    tile = next(lp for lp in profile["loops"] if lp["source"] == f"topk_encode.py:{tile_line}")
     common_trip, full_trip = sorted(
         (lp for lp in profile["loops"] if f"topk_encode.py:{append_line}" in lp["lines"]),
         key=lambda lp: lp["instructions"],

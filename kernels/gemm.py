@@ -2,8 +2,9 @@
 
 A fused encoder's work is (row blocks) x (column splits S): each program owns BLOCK_M rows of x and a
 contiguous range of latents, walks that range BLOCK_N latents at a time, and for each tile computes
-`tile_xwT`, then runs its own epilogue (top-k insertion). The programs are launched in `grouped_item` order,
-so that each wave of resident programs shares one group of row blocks of x in L2 (`split_plan`).
+`tile_xwT`, then runs its own epilogue (top-k insertion). The (row block, split) work items are taken by
+persistent programs in `grouped_item` order, so that the resident programs share one group of row blocks of x
+in L2 (`split_plan`).
 
 An encoder whose epilogue keeps no state across tiles (the threshold encoder) runs persistent programs
 instead: one (row block, one-tile split) work item after another, in the grouped order of `grouped_item`,
@@ -139,10 +140,11 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def split_plan(op: str, B: int, n: int, device: torch.device, *, persistent: bool = False, **shape: int) -> dict:
-    """`op`'s launch config plus the column split: "cols_per_split", "S" and "group_rows", for a grid of row
-    blocks x S programs in `grouped_item` order whose waves (cfg["waves"] resident programs per SM on CUDA,
-    cfg["programs"] in the interpreter) each hold one group of "group_rows" row blocks x every split, with
-    that group of x (shape["D"] columns of shape["BYTES"] bytes) and a W tile per split in half the L2.
+    """`op`'s launch config plus the column split: "cols_per_split", "S", "group_rows" and "grid", for
+    "items" = row blocks x S work items in `grouped_item` order, taken by "grid" persistent programs (at
+    most cfg["waves"] resident programs per SM on CUDA, cfg["programs"] in the interpreter) in rounds that
+    each hold one group of "group_rows" row blocks x every split, with that group of x (shape["D"] columns
+    of shape["BYTES"] bytes) and a W tile per split in half the L2.
 
     persistent: one tile per split (S = cdiv(n, BLOCK_N)); "items" = row blocks x S work items, taken by
     "grid" programs in `grouped_item` order, whose groups of "group_rows" row blocks of x (shape["D"]
@@ -159,14 +161,14 @@ def split_plan(op: str, B: int, n: int, device: torch.device, *, persistent: boo
         block_bytes = cfg["BLOCK_M"] * shape["D"] * shape["BYTES"]
         cfg["group_rows"] = max(1, min(row_blocks, l2_bytes(device) // 2 // block_bytes))
         return cfg
-    # Waves of `target` programs, each wave one group of row blocks x every split, in `grouped_item` order:
-    # the fewest waves (the fewest splits) whose group of x and one W tile per split fit half the L2, which
-    # then holds the group's x for all of its column steps (the smallest such working set if none fits).
-    # Round splits down: a wave just over `target` programs would take two.
+    # Rounds of at most `target` items, each round one group of row blocks x every split: the fewest rounds
+    # (the fewest splits) whose group of x and one W tile per split fit half the L2, which then holds the
+    # group's x for all of its column steps (the smallest such working set if none fits). Round splits
+    # down: a round just over `target` items would take two.
     x_block, w_tile = (cfg[b] * shape["D"] * shape["BYTES"] for b in ("BLOCK_M", "BLOCK_N"))
     plans = []
-    for waves in range(1, row_blocks + 1):
-        group = triton.cdiv(row_blocks, waves)
+    for rounds in range(1, row_blocks + 1):
+        group = triton.cdiv(row_blocks, rounds)
         splits = max(1, min(tiles, target // group))
         plans.append((group * x_block + splits * w_tile, group, splits))
         if plans[-1][0] <= l2_bytes(device) // 2:
@@ -175,4 +177,6 @@ def split_plan(op: str, B: int, n: int, device: torch.device, *, persistent: boo
     cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
     cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
     cfg["group_rows"] = group
+    cfg["items"] = row_blocks * cfg["S"]
+    cfg["grid"] = max(1, min(cfg["items"], group * cfg["S"], target))
     return cfg

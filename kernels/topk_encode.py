@@ -1,13 +1,13 @@
 """Fused TopK encode: z = x W^T + b, f = TopK_k(ReLU(z)), without ever writing the [B, n] matrix z.
 
-Stage 1 (Triton): (row blocks) x (column splits) programs, launched in `gemm.grouped_item` order (each wave
-shares a group of row blocks of x in L2; `gemm.split_plan`). Each program walks its column range tile by
-tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation). Keys are packed int64
-(fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key orders by value, then by lower latent id. Each row
-keeps in a per-program buffer (global memory, L2) its best KP keys (descending) and CAND candidate slots,
-CAND / 4 for each of its 4 lane groups (the columns 8 g + 2 lane + e of a tile, as the wgmma accumulator
-layout gives them to one thread), and in registers its threshold: the KP-th key and its value (-inf until
-KP keys were seen). The epilogue of a tile:
+Stage 1 (Triton): (row blocks) x (column splits) work items, taken in `gemm.grouped_item` order by persistent
+programs (each round shares a group of row blocks of x in L2; `gemm.split_plan`). For an item, a program walks
+its column range tile by tile and computes the [BLOCK_M, BLOCK_N] tile of z with tl.dot (fp32 accumulation).
+Keys are packed int64 (fp32 bits of ReLU(z) << 32 | KEY_LOW - column): a key orders by value, then by lower
+latent id. Each row keeps in a per-program buffer (global memory, L2) its best KP keys (descending) and CAND
+candidate slots, CAND / 4 for each of its 4 lane groups (the columns 8 g + 2 lane + e of a tile, as the wgmma
+accumulator layout gives them to one thread), and in registers its threshold: the KP-th key and its value
+(-inf until KP keys were seen). The epilogue of a tile:
   1. one compare per element, z > thr, summed into a bit mask of the qualifying columns per (row, lane
      group): over the columns one thread holds, so without shuffles;
   2. if some row gains an entry (one block-wide maximum), the tile is staged in a per-program scratch (L2)
@@ -16,10 +16,11 @@ KP keys were seen). The epilogue of a tile:
   3. when a lane group's slots are full, every row's candidates are sorted and merged with its kept keys
      into its best KP (bitonic, in registers), and the thresholds are re-read.
 Only keys above a row's KP-th key are appended and columns are walked in ascending order, so the selection
-is exact (ties to the lower id); a full lane group merges before it appends, so nothing is dropped.
+is exact (ties to the lower id); a full lane group merges before it appends, so nothing is dropped. An
+item's last merge writes its rows' best KP keys out and empties the buffer for the program's next item.
 Stage 2: top-k of the splits' KP candidates per row (torch.topk on the int64 keys), sorted.
-Largest temporaries: the buffers [programs, KP + CAND, BLOCK_M], the staging [programs, BLOCK_M, BLOCK_N]
-and the candidates [B, splits, KP].
+Largest temporaries: the candidates [B, splits, KP] int64, the buffers [programs, KP + CAND, BLOCK_M] and
+the staging [programs, BLOCK_M, BLOCK_N] (programs: at most one round, ~ the SMs).
 
 k above MAX_FUSED_KP takes the memory-bounded chunked path (torch_ops.topk_select_torch).
 Backward: sparse and deterministic, through sparse_decode.encoder_grads (gather for x, row scatter for W, b).
@@ -84,13 +85,16 @@ def _bitonic_merge(x, LOG: tl.constexpr, DESCENDING: tl.constexpr):
 
 @triton.jit
 def _merge(
-    buf, row_mask, prow, prow3, row3_mask, KP: tl.constexpr, CAND: tl.constexpr, BLOCK_M: tl.constexpr,
+    buf, row_mask, prow, prow3, row3_mask, out, KP: tl.constexpr, CAND: tl.constexpr, BLOCK_M: tl.constexpr,
     MERGE_ROWS: tl.constexpr, SPREAD: tl.constexpr, LOG_KP: tl.constexpr, LOG_CAND: tl.constexpr,
+    FLUSH: tl.constexpr,
 ):  # fmt: skip
     """Merge every row's candidates (slots [KP, KP + CAND), -1 where empty) into its best KP keys (slots
     [0, KP), descending) and empty the candidates (buf: [slots, BLOCK_M], row r at column prow(r)). Returns
     the KP-th keys of the rows at prow3 [1, BLOCK_M // 2, 2] (-1 while a row has fewer than KP keys, KEY_MAX
-    past B) and the KP-th values of the rows at prow [BLOCK_M] (-inf, +inf)."""
+    past B) and the KP-th values of the rows at prow [BLOCK_M] (-inf, +inf).
+    FLUSH (an item's last merge): the best KP keys go to out ([KP, BLOCK_M], the buffer's layout) instead, and
+    every slot of buf is -1 again."""
     tl.debug_barrier()  # the appends of every thread are visible
     # A row's keys are loaded as [MERGE_ROWS, SPREAD, n // SPREAD]: rows over lanes and warps, the slots over
     # SPREAD warps and the registers (the columns read in a non-contiguous order, so that the loads are not
@@ -108,6 +112,9 @@ def _merge(
         # best KP, a bitonic sequence.
         kept = tl.reshape(tl.load(kept_ptrs), [MERGE_ROWS, KP])
         best = tl.reshape(_bitonic_merge(tl.maximum(kept, cand), LOG_KP, True), [MERGE_ROWS, SPREAD, KP // SPREAD])
+        if FLUSH:
+            tl.store(out + (r0 + r[:, None, None] + _slots(0, KP, SPREAD) * BLOCK_M), best)
+            best = tl.full([MERGE_ROWS, SPREAD, KP // SPREAD], -1, tl.int64)
         tl.store(kept_ptrs, best)
         tl.store(cand_ptrs, tl.full([MERGE_ROWS, SPREAD, CAND // SPREAD], -1, tl.int64))
     tl.debug_barrier()
@@ -193,6 +200,7 @@ def _topk_encode_kernel(
     b_ptr,  # [n] fp32
     buf_ptr,  # [programs, BUF, BLOCK_M] int64 (slot-major), filled with -1: per-program top-KP + candidates
     stage_ptr,  # [programs, BLOCK_M, BLOCK_N] fp32 scratch: the tile being appended from
+    out_ptr,  # [row blocks x S, KP, BLOCK_M] int64 out: each item's best KP keys per row (buffer layout)
     stats_ptr,  # [programs, 4] int32 out (COUNT only): tiles, append trips, trips of filling tiles, merges
     B,
     N,
@@ -221,12 +229,9 @@ def _topk_encode_kernel(
     WORDS: tl.constexpr = (GROUPS + 7) // 8
     PER_WORD: tl.constexpr = GROUPS // WORDS
     SLOTS: tl.constexpr = CAND // 4  # candidate slots of one (row, lane group)
+    row_blocks = tl.cdiv(B, BLOCK_M)
     S = tl.cdiv(N, cols_per_split)
-    pid_m, pid_s = grouped_item(tl.program_id(0), tl.cdiv(B, BLOCK_M), S, group_rows)
-    program = pid_m * S + pid_s
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < B
-    rows64 = rows.to(tl.int64)
+    program = tl.program_id(0)
     buf = buf_ptr + program.to(tl.int64) * (BLOCK_M * BUF)
     stage = stage_ptr + program.to(tl.int64) * (BLOCK_M * BLOCK_N)
     tile_cols = tl.arange(0, BLOCK_N)
@@ -234,7 +239,6 @@ def _topk_encode_kernel(
     # (int32 offsets from stage and buf).
     m = tl.arange(0, BLOCK_M // 2)[None, :, None]
     row3 = m % 8 + 16 * (m // 8) + 8 * tl.arange(0, 2)[None, None, :]
-    row3_mask = pid_m * BLOCK_M + row3 < B
     # The buffer holds row r in column (r % 2) BLOCK_M / 2 + r // 2 (see _merge).
     prow3 = (row3 % 2) * (BLOCK_M // 2) + row3 // 2
     prow = (tl.arange(0, BLOCK_M) % 2) * (BLOCK_M // 2) + tl.arange(0, BLOCK_M) // 2
@@ -248,75 +252,87 @@ def _topk_encode_kernel(
     g = tl.arange(0, PER_WORD)[None, None, :, None, None]
     e = tl.arange(0, 2)[None, None, None, None, :]
     bit = 1 << (2 * g + e)
-    col_lo = pid_s * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, N)
-    thr_key = tl.where(row3_mask, -1, KEY_MAX).to(tl.int64)  # every key qualifies until a row has KP keys
-    thr = tl.where(row_mask, -float("inf"), float("inf"))
-    fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
     tiles = 0
     trips = 0
     full_trips = 0
     merges = 0
-    for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tile_cols
-        if EVEN_N:
-            col_mask = tl.full([BLOCK_N], 1, tl.int1)
-        else:
-            col_mask = cols < col_hi
-        acc = tile_xwT(
-            x_ptr, w_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_x, stride_w,
-            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-        )  # fmt: skip
-        if HAS_BIAS:
+    # Persistent: every num_programs-th (row block, split) item in grouped order; the buffer starts each
+    # item with every slot -1.
+    for item in range(program, row_blocks * S, tl.num_programs(0)):
+        pid_m, pid_s = grouped_item(item, row_blocks, S, group_rows)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < B
+        rows64 = rows.to(tl.int64)
+        row3_mask = pid_m * BLOCK_M + row3 < B
+        col_lo = pid_s * cols_per_split
+        col_hi = tl.minimum(col_lo + cols_per_split, N)
+        thr_key = tl.where(row3_mask, -1, KEY_MAX).to(tl.int64)  # every key qualifies until a row has KP keys
+        thr = tl.where(row_mask, -float("inf"), float("inf"))
+        fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
+        for n0 in range(col_lo, col_hi, BLOCK_N):
+            cols = n0 + tile_cols
             if EVEN_N:
-                acc += tl.load(b_ptr + n0 + tile_cols)[None, :]
+                col_mask = tl.full([BLOCK_N], 1, tl.int1)
             else:
-                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
-        # Columns past N (only the last tile: cols_per_split is a multiple of BLOCK_N) read z = 0 and may
-        # fill a row with fewer than KP columns; their keys rank below every real one (value 0, higher ids),
-        # and the splits hold at least k real keys per row, so stage 2 never selects them.
-        take = tl.reshape(acc > thr[:, None], [BLOCK_M, WORDS, PER_WORD, 4, 2])
-        words = tl.sum(tl.sum(tl.where(take, bit, 0), axis=4), axis=2)  # [BLOCK_M, WORDS, 4]
-        if WORDS == 1:
-            mask = tl.reshape(words, [BLOCK_M, 4])
-        else:
-            lo, hi = tl.split(tl.permute(words, [0, 2, 1]))
-            mask = lo | (hi << 16)
-        mask = _by_lane(mask, BLOCK_M)
-        count = _popcount(mask)
-        if COUNT:
-            tiles += 1
-        # One block-wide reduction: the most entries a lane group gains (the trips), and the fullest it gets.
-        trip_count, most = tl.reduce((count, fill + count), 2, _max2)
-        trip_count, most = tl.reduce((trip_count, most), 1, _max2)
-        trip_count, most = tl.reduce((trip_count, most), 0, _max2)
-        if trip_count > 0:  # some row gains an entry
-            _stage(stage, acc, BLOCK_M, BLOCK_N)
-            tl.debug_barrier()  # the staged tile is visible to every thread
-            if most <= SLOTS:  # no group fills up: the common tile
-                for _ in range(trip_count):
-                    mask, fill = _append(
-                        mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, False, BLOCK_M
-                    )
-                if COUNT:
-                    trips += trip_count
+                col_mask = cols < col_hi
+            acc = tile_xwT(
+                x_ptr, w_ptr, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_x, stride_w,
+                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+            )  # fmt: skip
+            if HAS_BIAS:
+                if EVEN_N:
+                    acc += tl.load(b_ptr + n0 + tile_cols)[None, :]
+                else:
+                    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
+            # Columns past N (only the last tile: cols_per_split is a multiple of BLOCK_N) read z = 0 and may
+            # fill a row with fewer than KP columns; their keys rank below every real one (value 0, higher ids),
+            # and the splits hold at least k real keys per row, so stage 2 never selects them.
+            take = tl.reshape(acc > thr[:, None], [BLOCK_M, WORDS, PER_WORD, 4, 2])
+            words = tl.sum(tl.sum(tl.where(take, bit, 0), axis=4), axis=2)  # [BLOCK_M, WORDS, 4]
+            if WORDS == 1:
+                mask = tl.reshape(words, [BLOCK_M, 4])
             else:
-                for _ in range(trip_count):
-                    if _max3(fill) == SLOTS:
-                        thr_key, thr = _merge(
-                            buf, row_mask, prow, prow3, row3_mask, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP,
-                            LOG_CAND,
-                        )  # fmt: skip
-                        fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
-                        if COUNT:
-                            merges += 1
-                    mask, fill = _append(
-                        mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, True, BLOCK_M
-                    )
-                if COUNT:
-                    full_trips += trip_count
-            tl.debug_barrier()  # every load of the staged tile is done before the next tile is staged
-    _merge(buf, row_mask, prow, prow3, row3_mask, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP, LOG_CAND)
+                lo, hi = tl.split(tl.permute(words, [0, 2, 1]))
+                mask = lo | (hi << 16)
+            mask = _by_lane(mask, BLOCK_M)
+            count = _popcount(mask)
+            if COUNT:
+                tiles += 1
+            # One block-wide reduction: the most entries a lane group gains (the trips), and the fullest it gets.
+            trip_count, most = tl.reduce((count, fill + count), 2, _max2)
+            trip_count, most = tl.reduce((trip_count, most), 1, _max2)
+            trip_count, most = tl.reduce((trip_count, most), 0, _max2)
+            if trip_count > 0:  # some row gains an entry
+                _stage(stage, acc, BLOCK_M, BLOCK_N)
+                tl.debug_barrier()  # the staged tile is visible to every thread
+                if most <= SLOTS:  # no group fills up: the common tile
+                    for _ in range(trip_count):
+                        mask, fill = _append(
+                            mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, False, BLOCK_M
+                        )
+                    if COUNT:
+                        trips += trip_count
+                else:
+                    for _ in range(trip_count):
+                        if _max3(fill) == SLOTS:
+                            thr_key, thr = _merge(
+                                buf, row_mask, prow, prow3, row3_mask, buf, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD,
+                                LOG_KP, LOG_CAND, False,
+                            )  # fmt: skip
+                            fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
+                            if COUNT:
+                                merges += 1
+                        mask, fill = _append(
+                            mask, fill, thr_key, stage, stage_row, buf, slots, n0 + 2 * lane, True, BLOCK_M
+                        )
+                    if COUNT:
+                        full_trips += trip_count
+                tl.debug_barrier()  # every load of the staged tile is done before the next tile is staged
+        # The item's best KP keys out, the buffer emptied for the next item.
+        out = out_ptr + (pid_m * S + pid_s).to(tl.int64) * (KP * BLOCK_M)
+        _merge(
+            buf, row_mask, prow, prow3, row3_mask, out, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP, LOG_CAND, True
+        )
     if COUNT:
         tl.store(stats_ptr + program * 4, tiles)
         tl.store(stats_ptr + program * 4 + 1, trips)
@@ -348,14 +364,15 @@ def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
     B, D = x.shape
     N = W.shape[0]
     cfg = plan(B, N, D, k, x.device, x.dtype)
-    KP, S, BM = cfg["KP"], cfg["S"], cfg["BLOCK_M"]
+    KP, S, BM, grid = cfg["KP"], cfg["S"], cfg["BLOCK_M"], cfg["grid"]
     R = triton.cdiv(B, BM)
-    buf = torch.full((R * S, cfg["BUF"], BM), -1, device=x.device, dtype=torch.int64)
-    stage = torch.empty(R * S, BM, cfg["BLOCK_N"], device=x.device, dtype=torch.float32)
+    buf = torch.full((grid, cfg["BUF"], BM), -1, device=x.device, dtype=torch.int64)
+    stage = torch.empty(grid, BM, cfg["BLOCK_N"], device=x.device, dtype=torch.float32)
+    out = torch.empty(R * S, KP, BM, device=x.device, dtype=torch.int64)
     if stats is not None:
-        stats.resize_(R * S, 4)
-    _topk_encode_kernel[(R * S,)](
-        x, W, b.float() if b is not None else W, buf, stage, stats if stats is not None else buf, B, N, D,
+        stats.resize_(grid, 4)
+    _topk_encode_kernel[(grid,)](
+        x, W, b.float() if b is not None else W, buf, stage, out, stats if stats is not None else buf, B, N, D,
         cfg["cols_per_split"], cfg["group_rows"], x.stride(0), W.stride(0),
         HAS_BIAS=b is not None, EVEN_N=cfg["EVEN_N"], KP=KP, CAND=cfg["CAND"], BUF=cfg["BUF"],
         MERGE_ROWS=cfg["MERGE_ROWS"], SPREAD=cfg["SPREAD"], LOG_KP=cfg["LOG_KP"], LOG_CAND=cfg["LOG_CAND"], BLOCK_M=BM,
@@ -364,7 +381,7 @@ def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
     )  # fmt: skip
     prow = torch.arange(BM, device=x.device)
     prow = (prow % 2) * (BM // 2) + prow // 2  # row r's column in the buffer
-    cand = buf.view(R, S, cfg["BUF"], BM)[:, :, :KP, prow].permute(0, 3, 1, 2).reshape(R * BM, S * KP)[:B]
+    cand = out.view(R, S, KP, BM)[:, :, :, prow].permute(0, 3, 1, 2).reshape(R * BM, S * KP)[:B]
     keys = cand.topk(k, dim=1).values  # stage 2, sorted
     values, indices = torch_ops.unpack_keys(keys)
     return values.to(x.dtype), indices

@@ -321,34 +321,39 @@ def test_wide_tiles_exact(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["rising", "ties", "zero-rows", "gaussian"])
 def test_grouped_waves_exact(kind, monkeypatch):
-    """An L2 too small for every row block of x: the plan launches 7 row blocks x 2 splits in groups of 3 row
-    blocks (the last group one), in `grouped_item` order; each program finds its row block and columns from
-    its place in that order, and the result matches a stable float64 sort (ties to the lower id)."""
+    """An L2 too small for every row block of x: the plan takes 7 row blocks x 2 splits in groups of 3 row
+    blocks (the last group one), in `grouped_item` order, by 6 persistent programs (one group per round),
+    each taking 2-3 items and starting each with an emptied buffer; the result matches a stable float64 sort
+    (ties to the lower id)."""
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1, "programs": 8}
     monkeypatch.setattr(tuning, "config", lambda op, **shape: dict(cfg))
     B, d, n, k = 100, 4, 200, 5
     tile = 16 * d * 4  # a row block of x, or a W tile, in bytes
-    # waves of 8 programs: 1 wave = 7 row blocks + 1 W tile, 2 = 4 + 2, 3 = 3 + 2 (fits 5 tiles), 7 = 1 + 8
+    # rounds of 8 items: 1 round = 7 row blocks + 1 W tile, 2 = 4 + 2, 3 = 3 + 2 (fits 5 tiles), 7 = 1 + 8
     monkeypatch.setattr(gemm, "l2_bytes", lambda device: 2 * 5 * tile)
     plan = topk_encode_module.plan(B, n, d, k, torch.device(DEVICE), torch.float32)
-    assert (plan["group_rows"], plan["S"], plan["cols_per_split"]) == (3, 2, 112)
+    assert (plan["group_rows"], plan["S"], plan["cols_per_split"], plan["grid"]) == (3, 2, 112, 6)
     x, W = make(B, d, n, torch.float32)[:2] if kind == "gaussian" else _adversarial(kind, B, d, n)
+    stats = torch.zeros(0, dtype=torch.int32)
     with kernels.use_backend("triton"):
-        values, indices = topk_encode_module.topk_select_triton(x, W, None, k)
+        values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
     order = torch.sort(ref_f(x, W, None), dim=1, descending=True, stable=True)
     assert indices.long().tolist() == order.indices[:, :k].tolist()
     assert_close(values, order.values[:, :k], torch.float32, "values")
+    # items (row block, split) in order: (0,0) (1,0) (2,0) (0,1) (1,1) (2,1), the same for rows 3-5, (6,0) (6,1);
+    # program p takes items p, p + 6, p + 12; split 0 has 7 tiles, split 1 6
+    assert stats.shape == (6, 4) and stats[:, 0].tolist() == [21, 20, 14, 12, 12, 12]
 
 
 def test_reference_plan_fits_the_l2(monkeypatch):
     """At the reference shape on an H100 (132 SMs, 50 MiB L2, 128x128 bf16 tiles) the plan takes the fewest
-    waves whose group of x plus a W tile per split fits half the L2: 4 waves of 16 row blocks x 8 splits
-    (16 + 8 MiB), where one wave (64 + 2 MiB), two (32 + 4) and three (22 + 6) do not fit."""
+    rounds whose group of x plus a W tile per split fits half the L2: 4 rounds of 16 row blocks x 8 splits
+    (16 + 8 MiB) by 128 programs, where one round (64 + 2 MiB), two (32 + 4) and three (22 + 6) do not fit."""
     monkeypatch.setattr(tuning, "_device_key", lambda op: "default")
     monkeypatch.setattr(gemm, "num_sms", lambda device: 132)
     B, d, n = 8192, 4096, 131072
     plan = topk_encode_module.plan(B, n, d, 64, torch.device("meta"), torch.bfloat16)
     assert (plan["BLOCK_M"], plan["BLOCK_N"]) == (128, 128)
-    assert (plan["group_rows"], plan["S"], plan["cols_per_split"]) == (16, 8, 16384)
+    assert (plan["group_rows"], plan["S"], plan["cols_per_split"], plan["grid"]) == (16, 8, 16384, 128)
     mib = 2**20
     assert 16 * mib + 8 * mib <= gemm.l2_bytes(torch.device("meta")) // 2 < 22 * mib + 6 * mib
