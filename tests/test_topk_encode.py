@@ -276,20 +276,25 @@ def _adversarial(kind, B, d, n):
     return x, W
 
 
+def _exact_against_sort(x, W, k):
+    """The fused kernel's ids and values against a stable float64 sort (ties to the lower id); -> its loop
+    counts per program."""
+    stats = torch.zeros(0, dtype=torch.int32)
+    with kernels.use_backend("triton"):
+        values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
+    order = torch.sort(ref_f(x, W, None), dim=1, descending=True, stable=True)
+    assert indices.long().tolist() == order.indices[:, :k].tolist()
+    assert_close(values, order.values[:, :k], torch.float32, "values")
+    return stats
+
+
 @pytest.mark.parametrize("kind", ["rising", "falling", "ties", "zero-rows"])
 def test_adversarial_column_orders_exact(kind):
     """The epilogue's thresholds, append trips and merges against a stable float64 sort: the same ids, ties to
     the lower id. Rising columns make every entry of every tile qualify, so lane groups fill mid-tile and
     merge; ties and zero rows test the id order."""
     B, d, n, k = 5, 4, 160, 6  # 4 splits of 40 columns, tiles of 16, 8 candidate slots per lane group
-    x, W = _adversarial(kind, B, d, n)
-    stats = torch.zeros(0, dtype=torch.int32)
-    with kernels.use_backend("triton"):
-        values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
-    f = ref_f(x, W, None)
-    order = torch.sort(f, dim=1, descending=True, stable=True)
-    assert indices.long().tolist() == order.indices[:, :k].tolist()
-    assert_close(values, order.values[:, :k], torch.float32, "values")
+    stats = _exact_against_sort(*_adversarial(kind, B, d, n), k)
     tiles, trips, full_trips, merges = stats.sum(0).tolist()
     assert 0 < trips + full_trips
     if kind == "rising":
@@ -309,12 +314,7 @@ def test_wide_tiles_exact(kind, monkeypatch):
     else:
         x, W = _adversarial(kind, B, d, n)
     for k in (1, 4, 19):
-        stats = torch.zeros(0, dtype=torch.int32)
-        with kernels.use_backend("triton"):
-            values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
-        order = torch.sort(ref_f(x, W, None), dim=1, descending=True, stable=True)
-        assert indices.long().tolist() == order.indices[:, :k].tolist()
-        assert_close(values, order.values[:, :k], torch.float32, "values")
+        stats = _exact_against_sort(x, W, k)
         if kind == "rising":
             assert stats[:, 3].sum() > stats[:, 0].sum()  # more merges than tiles: several within a tile
 
@@ -334,12 +334,7 @@ def test_grouped_waves_exact(kind, monkeypatch):
     plan = topk_encode_module.plan(B, n, d, k, torch.device(DEVICE), torch.float32)
     assert (plan["group_rows"], plan["S"], plan["cols_per_split"], plan["grid"]) == (3, 2, 112, 6)
     x, W = make(B, d, n, torch.float32)[:2] if kind == "gaussian" else _adversarial(kind, B, d, n)
-    stats = torch.zeros(0, dtype=torch.int32)
-    with kernels.use_backend("triton"):
-        values, indices = topk_encode_module.topk_select_triton(x, W, None, k, stats=stats)
-    order = torch.sort(ref_f(x, W, None), dim=1, descending=True, stable=True)
-    assert indices.long().tolist() == order.indices[:, :k].tolist()
-    assert_close(values, order.values[:, :k], torch.float32, "values")
+    stats = _exact_against_sort(x, W, k)
     # items (row block, split) in order: (0,0) (1,0) (2,0) (0,1) (1,1) (2,1), the same for rows 3-5, (6,0) (6,1);
     # program p takes items p, p + 6, p + 12; split 0 has 7 tiles, split 1 6
     assert stats.shape == (6, 4) and stats[:, 0].tolist() == [21, 20, 14, 12, 12, 12]
