@@ -7,7 +7,7 @@ Two halves, both measured, not assumed:
           candidate merges).
   trips   how often each part runs per tile over one program's column range (BLOCK_M rows): the new kernel at
           the split its launcher plans at the reference shape on an H100 (16384 columns: 8 splits, so that
-          each wave's group of x stays in L2), the baseline at its own (65536: 2 splits) and at the new one,
+          each round's group of x stays in L2), the baseline at its own (65536: 2 splits) and at the new one,
           on two kinds of pre-activations: Gaussian (d = 16: sums of 16 products) and those of a trained
           TopK SAE (65536 latents, k = 64, d = 64, trained for a few hundred steps on sae.synthetic
           activations; its first latents for the shorter range; its quality is in the JSON). New kernel: its own
