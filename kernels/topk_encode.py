@@ -85,16 +85,16 @@ def _bitonic_merge(x, LOG: tl.constexpr, DESCENDING: tl.constexpr):
 
 @triton.jit
 def _merge(
-    buf, row_mask, prow, prow3, row3_mask, out, KP: tl.constexpr, CAND: tl.constexpr, BLOCK_M: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, SPREAD: tl.constexpr, LOG_KP: tl.constexpr, LOG_CAND: tl.constexpr,
-    FLUSH: tl.constexpr,
+    buf, row_mask, prow, prow3, row3_mask, out, out_stride, rows_left, KP: tl.constexpr, CAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, MERGE_ROWS: tl.constexpr, SPREAD: tl.constexpr, LOG_KP: tl.constexpr,
+    LOG_CAND: tl.constexpr, FLUSH: tl.constexpr,
 ):  # fmt: skip
     """Merge every row's candidates (slots [KP, KP + CAND), -1 where empty) into its best KP keys (slots
     [0, KP), descending) and empty the candidates (buf: [slots, BLOCK_M], row r at column prow(r)). Returns
     the KP-th keys of the rows at prow3 [1, BLOCK_M // 2, 2] (-1 while a row has fewer than KP keys, KEY_MAX
     past B) and the KP-th values of the rows at prow [BLOCK_M] (-inf, +inf).
-    FLUSH (an item's last merge): the best KP keys go to out ([KP, BLOCK_M], the buffer's layout) instead, and
-    every slot of buf is -1 again."""
+    FLUSH (an item's last merge): the best KP keys of row r < rows_left go to out + r out_stride (KP
+    consecutive keys) instead, and every slot of buf is -1 again."""
     tl.debug_barrier()  # the appends of every thread are visible
     # A row's keys are loaded as [MERGE_ROWS, SPREAD, n // SPREAD]: rows over lanes and warps, the slots over
     # SPREAD warps and the registers (the columns read in a non-contiguous order, so that the loads are not
@@ -102,9 +102,9 @@ def _merge(
     r = tl.arange(0, MERGE_ROWS)
     r = (r % 2) * (MERGE_ROWS // 2) + r // 2
     for r0 in range(0, BLOCK_M, MERGE_ROWS):  # MERGE_ROWS columns at a time bound the registers
-        base = buf + r0 + r[:, None, None]
-        kept_ptrs = base + _slots(0, KP, SPREAD) * BLOCK_M
-        cand_ptrs = base + _slots(KP, CAND, SPREAD) * BLOCK_M
+        col = r0 + r[:, None, None]  # the buffer's columns
+        kept_ptrs = buf + col + _slots(0, KP, SPREAD) * BLOCK_M
+        cand_ptrs = buf + col + _slots(KP, CAND, SPREAD) * BLOCK_M
         cand = _bitonic_sort(tl.reshape(tl.load(cand_ptrs), [MERGE_ROWS, CAND]), LOG_CAND, False)  # ascending
         if CAND > KP:  # the last KP of each sorted row: its best, ascending
             cand = tl.max(tl.reshape(cand, [MERGE_ROWS, CAND // KP, KP]), axis=1)
@@ -113,7 +113,8 @@ def _merge(
         kept = tl.reshape(tl.load(kept_ptrs), [MERGE_ROWS, KP])
         best = tl.reshape(_bitonic_merge(tl.maximum(kept, cand), LOG_KP, True), [MERGE_ROWS, SPREAD, KP // SPREAD])
         if FLUSH:
-            tl.store(out + (r0 + r[:, None, None] + _slots(0, KP, SPREAD) * BLOCK_M), best)
+            row = 2 * (col % (BLOCK_M // 2)) + col // (BLOCK_M // 2)  # the row at that column
+            tl.store(out + row.to(tl.int64) * out_stride + _slots(0, KP, SPREAD), best, mask=row < rows_left)
             best = tl.full([MERGE_ROWS, SPREAD, KP // SPREAD], -1, tl.int64)
         tl.store(kept_ptrs, best)
         tl.store(cand_ptrs, tl.full([MERGE_ROWS, SPREAD, CAND // SPREAD], -1, tl.int64))
@@ -200,7 +201,7 @@ def _topk_encode_kernel(
     b_ptr,  # [n] fp32
     buf_ptr,  # [programs, BUF, BLOCK_M] int64 (slot-major), filled with -1: per-program top-KP + candidates
     stage_ptr,  # [programs, BLOCK_M, BLOCK_N] fp32 scratch: the tile being appended from
-    out_ptr,  # [row blocks x S, KP, BLOCK_M] int64 out: each item's best KP keys per row (buffer layout)
+    out_ptr,  # [B, S, KP] int64 out: each row's best KP keys of each split (descending)
     stats_ptr,  # [programs, 4] int32 out (COUNT only): tiles, append trips, trips of filling tiles, merges
     B,
     N,
@@ -247,8 +248,8 @@ def _topk_encode_kernel(
     # (p = 8 u + e, bit 4 h + 2 u + e of the mask) is 16 BLOCK_M h + 2 u + e further.
     stage_row = 8 * BLOCK_M * (row3 // 8 % 2) + 128 * (row3 // 16) + 16 * (row3 % 8) + 4 * lane
     slots = (KP + lane * SLOTS) * BLOCK_M + prow3
-    # Bit 2 g + e of a group's word (g the 8-column group within the word) for a qualifying entry, plus 2^16
-    # to count it: summed over the entries one thread holds.
+    # Bit 2 g + e of a group's word (g the 8-column group within the word) for a qualifying entry: summed
+    # over the entries one thread holds.
     g = tl.arange(0, PER_WORD)[None, None, :, None, None]
     e = tl.arange(0, 2)[None, None, None, None, :]
     bit = 1 << (2 * g + e)
@@ -316,8 +317,8 @@ def _topk_encode_kernel(
                     for _ in range(trip_count):
                         if _max3(fill) == SLOTS:
                             thr_key, thr = _merge(
-                                buf, row_mask, prow, prow3, row3_mask, buf, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD,
-                                LOG_KP, LOG_CAND, False,
+                                buf, row_mask, prow, prow3, row3_mask, buf, 0, 0, KP, CAND, BLOCK_M, MERGE_ROWS,
+                                SPREAD, LOG_KP, LOG_CAND, False,
                             )  # fmt: skip
                             fill = tl.zeros([4, BLOCK_M // 2, 2], dtype=tl.int32)
                             if COUNT:
@@ -329,10 +330,11 @@ def _topk_encode_kernel(
                         full_trips += trip_count
                 tl.debug_barrier()  # every load of the staged tile is done before the next tile is staged
         # The item's best KP keys out, the buffer emptied for the next item.
-        out = out_ptr + (pid_m * S + pid_s).to(tl.int64) * (KP * BLOCK_M)
+        out = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * (S * KP) + pid_s * KP
         _merge(
-            buf, row_mask, prow, prow3, row3_mask, out, KP, CAND, BLOCK_M, MERGE_ROWS, SPREAD, LOG_KP, LOG_CAND, True
-        )
+            buf, row_mask, prow, prow3, row3_mask, out, S * KP, B - pid_m * BLOCK_M, KP, CAND, BLOCK_M, MERGE_ROWS,
+            SPREAD, LOG_KP, LOG_CAND, True,
+        )  # fmt: skip
     if COUNT:
         tl.store(stats_ptr + program * 4, tiles)
         tl.store(stats_ptr + program * 4 + 1, trips)
@@ -365,23 +367,19 @@ def topk_select_triton(x, W, b, k: int, stats: torch.Tensor | None = None):
     N = W.shape[0]
     cfg = plan(B, N, D, k, x.device, x.dtype)
     KP, S, BM, grid = cfg["KP"], cfg["S"], cfg["BLOCK_M"], cfg["grid"]
-    R = triton.cdiv(B, BM)
     buf = torch.full((grid, cfg["BUF"], BM), -1, device=x.device, dtype=torch.int64)
     stage = torch.empty(grid, BM, cfg["BLOCK_N"], device=x.device, dtype=torch.float32)
-    out = torch.empty(R * S, KP, BM, device=x.device, dtype=torch.int64)
+    cand = torch.empty(B, S * KP, device=x.device, dtype=torch.int64)
     if stats is not None:
         stats.resize_(grid, 4)
     _topk_encode_kernel[(grid,)](
-        x, W, b.float() if b is not None else W, buf, stage, out, stats if stats is not None else buf, B, N, D,
+        x, W, b.float() if b is not None else W, buf, stage, cand, stats if stats is not None else buf, B, N, D,
         cfg["cols_per_split"], cfg["group_rows"], x.stride(0), W.stride(0),
         HAS_BIAS=b is not None, EVEN_N=cfg["EVEN_N"], KP=KP, CAND=cfg["CAND"], BUF=cfg["BUF"],
         MERGE_ROWS=cfg["MERGE_ROWS"], SPREAD=cfg["SPREAD"], LOG_KP=cfg["LOG_KP"], LOG_CAND=cfg["LOG_CAND"], BLOCK_M=BM,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], UPCAST=INTERPRET, PRECISION=precision(x.dtype),
         COUNT=stats is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    prow = torch.arange(BM, device=x.device)
-    prow = (prow % 2) * (BM // 2) + prow // 2  # row r's column in the buffer
-    cand = out.view(R, S, KP, BM)[:, :, :, prow].permute(0, 3, 1, 2).reshape(R * BM, S * KP)[:B]
     keys = cand.topk(k, dim=1).values  # stage 2, sorted
     values, indices = torch_ops.unpack_keys(keys)
     return values.to(x.dtype), indices
