@@ -1,14 +1,11 @@
 """The matrix-product tile every fused encoder shares, and how its grid is split over the latents.
 
-A fused encoder's work is (row blocks) x (column splits S): each program owns BLOCK_M rows of x and a
-contiguous range of latents, walks that range BLOCK_N latents at a time, and for each tile computes
-`tile_xwT`, then runs its own epilogue (top-k insertion). The (row block, split) work items are taken by
-persistent programs in `grouped_item` order, so that the resident programs share one group of row blocks of x
-in L2 (`split_plan`).
-
-An encoder whose epilogue keeps no state across tiles (the threshold encoder) runs persistent programs
-instead: one (row block, one-tile split) work item after another, in the grouped order of `grouped_item`,
-with its tiles through `tile_xwT_desc` (TMA) where x's and W's rows are 16-byte aligned.
+A fused encoder's work is (row blocks) x (column splits S) items: an item is BLOCK_M rows of x against a
+contiguous range of latents, walked BLOCK_N latents at a time; each tile is `tile_xwT` (or `tile_xwT_desc`,
+TMA, where x's and W's rows are 16-byte aligned), then the encoder's own epilogue. Persistent programs take
+the items in `grouped_item` order, so that the resident programs share one group of row blocks of x in L2
+(`split_plan`). An epilogue that keeps state across tiles (top-k) makes a split a long range of latents; one
+that keeps none (the threshold encoder) has one tile per split.
 """
 
 from __future__ import annotations
@@ -139,41 +136,40 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def split_plan(op: str, B: int, n: int, device: torch.device, *, persistent: bool = False, **shape: int) -> dict:
-    """`op`'s launch config plus the column split: "cols_per_split", "S", "group_rows" and "grid", for
-    "items" = row blocks x S work items in `grouped_item` order, taken by "grid" persistent programs (at
-    most cfg["waves"] resident programs per SM on CUDA, cfg["programs"] in the interpreter) in rounds that
-    each hold one group of "group_rows" row blocks x every split, with that group of x (shape["D"] columns
-    of shape["BYTES"] bytes) and a W tile per split in half the L2.
+def split_plan(op: str, B: int, n: int, device: torch.device, *, one_tile: bool = False, **shape: int) -> dict:
+    """`op`'s launch config plus the column split: "cols_per_split", "S", "group_rows", "items" (row blocks x
+    S) and "grid", the persistent programs (at most cfg["waves"] per SM on CUDA, cfg["programs"] in the
+    interpreter) that take the items in `grouped_item` order. A group of "group_rows" row blocks of x
+    (shape["D"] columns of shape["BYTES"] bytes) fits in half the L2.
 
-    persistent: one tile per split (S = cdiv(n, BLOCK_N)); "items" = row blocks x S work items, taken by
-    "grid" programs in `grouped_item` order, whose groups of "group_rows" row blocks of x (shape["D"]
-    columns of shape["BYTES"] bytes) fill at most half of the L2."""
+    one_tile: one tile per split (S = cdiv(n, BLOCK_N)), the group of x alone in half the L2. Else the fewest
+    splits whose rounds of items, each one group x every split, fit the group and a W tile per split there."""
     cfg = dict(tuning.config(op, **shape))
     row_blocks = triton.cdiv(B, cfg["BLOCK_M"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
     # An interpreter config names its program count; a GPU config its waves of programs per SM.
     target = cfg["programs"] if "programs" in cfg else cfg["waves"] * num_sms(device)
-    if persistent:
+    budget = l2_bytes(device) // 2
+    if one_tile:
         cfg["cols_per_split"], cfg["S"] = cfg["BLOCK_N"], tiles
         cfg["items"] = row_blocks * tiles
         cfg["grid"] = max(1, min(cfg["items"], target))
         block_bytes = cfg["BLOCK_M"] * shape["D"] * shape["BYTES"]
-        cfg["group_rows"] = max(1, min(row_blocks, l2_bytes(device) // 2 // block_bytes))
+        cfg["group_rows"] = max(1, min(row_blocks, budget // block_bytes))
         return cfg
     # Rounds of at most `target` items, each round one group of row blocks x every split: the fewest rounds
-    # (the fewest splits) whose group of x and one W tile per split fit half the L2, which then holds the
-    # group's x for all of its column steps (the smallest such working set if none fits). Round splits
-    # down: a round just over `target` items would take two.
+    # (the fewest splits) whose group of x and one W tile per split fit the budget, so that the L2 holds the
+    # group's x for all of its column steps (the smallest such working set if none fits: the first that
+    # fits is also the smallest so far). Round splits down: a round just over `target` items would take two.
     x_block, w_tile = (cfg[b] * shape["D"] * shape["BYTES"] for b in ("BLOCK_M", "BLOCK_N"))
     plans = []
     for rounds in range(1, row_blocks + 1):
         group = triton.cdiv(row_blocks, rounds)
         splits = max(1, min(tiles, target // group))
         plans.append((group * x_block + splits * w_tile, group, splits))
-        if plans[-1][0] <= l2_bytes(device) // 2:
+        if plans[-1][0] <= budget:
             break
-    _, group, splits = plans[-1] if plans[-1][0] <= l2_bytes(device) // 2 else min(plans)
+    _, group, splits = min(plans)
     cfg["cols_per_split"] = triton.cdiv(tiles, splits) * cfg["BLOCK_N"]
     cfg["S"] = triton.cdiv(n, cfg["cols_per_split"])
     cfg["group_rows"] = group

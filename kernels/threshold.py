@@ -133,7 +133,7 @@ def threshold_select_triton(mode: int, x, W, b, theta, r_mag, b_mag, half_band: 
     N = W.shape[0]
     ieee = int(precision(x.dtype) == "ieee")
     shape = {"D": D, "IEEE": ieee, "BYTES": x.element_size()}
-    cfg = split_plan("threshold_encode", B, N, x.device, persistent=True, **shape)
+    cfg = split_plan("threshold_encode", B, N, x.device, one_tile=True, **shape)
     values = torch.empty(B, capacity, device=x.device, dtype=x.dtype)
     gate = torch.empty_like(values) if mode == GATED else values
     aux = torch.empty(B, capacity, device=x.device, dtype=torch.float32)
