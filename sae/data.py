@@ -281,7 +281,7 @@ class ShardSource(Source):
         self.group, self.groups = 0, 1  # a data group's part (see part())
         self._window = None  # the shuffle buffer last used (_window_at)
 
-    def _window_at(self, epoch: int, pos: int) -> tuple:
+    def _window_at(self, epoch: int, pos: int) -> list:
         """The shuffle buffer holding stream row `pos` of `epoch`: (epoch, its first stream row, its rows,
         [rows] the chunk order's row of each buffer row after the shuffle, the chunks' ids, their first
         rows in the buffer, the rows read: None until read)."""

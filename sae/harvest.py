@@ -245,6 +245,16 @@ class HarvestedActivations:
         return out
 
 
+class _Strided:
+    """Items start, start + step, ... of a re-iterable, itself re-iterable (read lazily, each pass again)."""
+
+    def __init__(self, items: Iterable, start: int, step: int):
+        self.items, self.start, self.step = items, start, step
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.items), self.start, None, self.step)
+
+
 class HarvestSource(Source):
     """Streams activations from a running model over input-id batches (wrapping around at the end): the
     on-the-fly source, for runs whose activations are too many to store.
@@ -329,10 +339,9 @@ class HarvestSource(Source):
         if hasattr(self.batches, "part"):
             batches = self.batches.part(group, groups)
         else:
-            batches = list(self.batches)
-            if len(batches) < groups:
-                raise ValueError(f"{groups} data groups need {groups} batches of input ids or more, got {len(batches)}")
-            batches = batches[group::groups]
+            if next(itertools.islice(iter(self.batches), groups - 1, None), None) is None:
+                raise ValueError(f"{groups} data groups need {groups} batches of input ids or more")
+            batches = _Strided(self.batches, group, groups)
         mine = HarvestSource(self.harvester, batches, size, buffer_tokens=self.buffer_tokens, seed=self.seed)
         mine.part_of = (group, groups)
         return mine
